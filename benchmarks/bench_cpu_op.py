@@ -1,0 +1,137 @@
+"""CPU benchmark of the attention op: the compiled kernels vs python_ref vs matmul + SDPA.
+
+Times forward, backward and forward+backward (median of --repeats runs, one process, same thread
+count), and measures the peak memory of one forward+backward per implementation in a fresh
+subprocess: the growth of the process's peak resident set (VmHWM, reset through
+/proc/self/clear_refs) over its resident set just before the call, inputs already allocated.
+
+    python benchmarks/bench_cpu_op.py                       # the issue's case: B=64 H=2 T=128 d=64
+    python benchmarks/bench_cpu_op.py --sweep               # T in {50,128,200,512}, d in {32,64}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_impls import IMPLS, make_inputs  # noqa: E402
+from common import describe, machine_info, median_time, write_results  # noqa: E402
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def peak_memory_child(impl: str, B: int, H: int, T: int, d: int) -> None:
+    """Runs in a fresh process: prints the peak RSS growth (MiB) of one fwd+bwd."""
+    inputs = make_inputs(B, H, T, d)
+    grad = torch.randn(B, H, T, d)
+    fn = IMPLS[impl]
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # resets VmHWM to the current RSS
+    before = _status_kib("VmRSS")
+    fn(*inputs).backward(grad)
+    print(json.dumps({"peak_mib": (_status_kib("VmHWM") - before) / 1024}))
+
+
+def peak_memory(impl: str, B: int, H: int, T: int, d: int) -> float:
+    cmd = [sys.executable, __file__, "--memory-child", impl, "--shape", str(B), str(H), str(T), str(d)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
+
+
+def time_case(B, H, T, d, repeats):
+    inputs = make_inputs(B, H, T, d)
+    grad = torch.randn(B, H, T, d)
+    row = {"B": B, "H": H, "T": T, "d": d}
+    for name, fn in IMPLS.items():
+        def fwd():
+            with torch.no_grad():
+                fn(*inputs)
+
+        def fwd_bwd():
+            fn(*inputs).backward(grad)
+            for t in inputs[:5]:
+                t.grad = None
+
+        out_holder = {}
+
+        def bwd_only():
+            out_holder["out"].backward(grad, retain_graph=True)
+            for t in inputs[:5]:
+                t.grad = None
+
+        out_holder["out"] = fn(*inputs)
+        row[name] = {
+            "fwd_ms": 1e3 * median_time(fwd, repeats=repeats),
+            "bwd_ms": 1e3 * median_time(bwd_only, repeats=repeats),
+            "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, repeats=repeats),
+        }
+        del out_holder["out"]
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--sweep", action="store_true", help="T in {50,128,200,512} x d in {32,64}")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--heads", type=int, default=2)
+    ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", type=int, nargs=4, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_child:
+        peak_memory_child(args.memory_child, *args.shape)
+        return
+
+    cases = [(T, d) for T in (50, 128, 200, 512) for d in (32, 64)] if args.sweep else [(128, 64)]
+    info = machine_info()
+    rows = []
+    for T, d in cases:
+        row = time_case(args.batch, args.heads, T, d, args.repeats)
+        if not args.no_memory:
+            for name in IMPLS:
+                row[name]["peak_mib"] = peak_memory(name, args.batch, args.heads, T, d)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    lines = [
+        f"# CPU op benchmark{' sweep' if args.sweep else ''}",
+        "",
+        f"Machine: {describe(info)}.",
+        f"Command: `python benchmarks/bench_cpu_op.py{' --sweep' if args.sweep else ''}`. fp32, "
+        f"B={args.batch}, H={args.heads}, lengths uniform in [1, T], median of {args.repeats} runs. "
+        "Peak memory: growth of peak RSS during one fwd+bwd in a fresh process.",
+        "",
+        "| T | d | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up of pka | pka peak / impl peak |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        for name in IMPLS:
+            r = row[name]
+            speed = row[name]["fwd_bwd_ms"] / row["pka"]["fwd_bwd_ms"]
+            mem = r.get("peak_mib")
+            ratio = f"{row['pka']['peak_mib'] / mem:.2f}" if mem else "-"
+            lines.append(
+                f"| {row['T']} | {row['d']} | {name} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
+                f"{r['fwd_bwd_ms']:.2f} | {mem if mem is None else f'{mem:.1f}'} | {speed:.2f}x | {ratio} |"
+            )
+    name = "cpu_op_sweep" if args.sweep else "cpu_op"
+    write_results(name, {"machine": info, "rows": rows}, "\n".join(lines) + "\n", args.out)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

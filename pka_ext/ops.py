@@ -1,0 +1,94 @@
+"""The op layer: fake implementations, autograd, and the public ``pka_attention``."""
+
+from __future__ import annotations
+
+import torch
+
+from pka_ext._library import built_with_cuda  # noqa: F401  (loads the compiled ops)
+from python_ref.checks import check_attention_args
+
+_fwd = torch.ops.pka_ext.pka_fwd
+_bwd = torch.ops.pka_ext.pka_bwd
+
+
+def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    # fp32 log-sum-exp for float32 and half types; float64 inputs keep float64 so that gradients
+    # stay exact to ~1e-12 (gradcheck).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake("pka_ext::pka_fwd")
+def _pka_fwd_fake(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed):
+    B, H, T, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, T), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.register_fake("pka_ext::pka_bwd")
+def _pka_bwd_fake(dout, q, k, v, a_k, a_v, lengths, out, lse, scale, dropout_p, seed):
+    return (q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape),
+            a_k.new_empty(a_k.shape), a_v.new_empty(a_v.shape))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, a_k, a_v, lengths, scale, dropout_p, seed = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, a_k, a_v, lengths, out, lse, seed)
+    ctx.scale = scale
+    ctx.dropout_p = dropout_p
+
+
+def _backward(ctx, dout, _dlse):
+    q, k, v, a_k, a_v, lengths, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv, da_k, da_v = _bwd(dout, q, k, v, a_k, a_v, lengths, out, lse, ctx.scale,
+                                  ctx.dropout_p, seed)
+    return dq, dk, dv, da_k, da_v, None, None, None, None
+
+
+torch.library.register_autograd("pka_ext::pka_fwd", _backward, setup_context=_setup_context)
+
+
+def seed_tensor(dropout_p: float, seed: int | None) -> torch.Tensor | None:
+    """The op's seed argument: None without dropout, else a one-element int64 CPU tensor.
+
+    With ``seed=None`` the seed is drawn from torch's default CPU generator, so
+    ``torch.manual_seed`` makes dropout reproducible.
+    """
+    if dropout_p == 0.0:
+        return None
+    if seed is None:
+        return torch.randint(0, 2**62, (), dtype=torch.int64)
+    return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+
+
+def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0, seed=None):
+    """Positional-kernel attention: ``softmax_causal(scale * Q (A_k k)^T) (A_v v)``.
+
+    Parameters
+    ----------
+    q, k, v : Tensor
+        ``[B, H, T, d]``, any strides, one dtype and device (CPU: float32, float64).
+    a_k, a_v : Tensor
+        ``[T, T]`` shared by all heads or ``[H, T, T]`` per head; only the lower triangle (with the
+        diagonal) is read, and the upper triangle gets zero gradient.
+    lengths : Tensor, optional
+        int64 ``[B]`` in ``[0, T]``; sequences are left-padded, sequence b occupying positions
+        ``T - lengths[b] ... T - 1``. ``None`` means no padding.
+    scale : float, optional
+        Score scale, ``1 / sqrt(d)`` by default.
+    dropout_p : float
+        Dropout on attention probabilities, in ``[0, 1)``.
+    seed : int, optional
+        Seed of the counter-based dropout generator (``csrc/pka_dropout.h``); drawn from torch's
+        default generator when ``None``.
+
+    Returns
+    -------
+    Tensor
+        ``[B, H, T, d]``; rows at padded positions are exactly 0.
+    """
+    check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed, check_values=False)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    out, _ = _fwd(q, k, v, a_k, a_v, lengths, float(scale), float(dropout_p),
+                  seed_tensor(dropout_p, seed))
+    return out

@@ -1,0 +1,153 @@
+"""PositionalKernel, PKAttention and PKATransformer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pka_ext import PKAttention, PKATransformer, PositionalKernel
+
+
+def test_toeplitz_kernel_structure_and_normalisation():
+    torch.manual_seed(0)
+    pk = PositionalKernel(10, "toeplitz")
+    A = pk(10)
+    g = pk.taps()
+    assert g.shape == (10,)
+    torch.testing.assert_close(g.norm(), torch.tensor(1.0))
+    raw = torch.cat([torch.ones(1), pk.weight.detach()])
+    torch.testing.assert_close(g, raw / raw.norm())
+    for i in range(10):
+        for j in range(10):
+            assert A[i, j] == (g[i - j] if j <= i else 0)
+    assert (pk.weight >= 0).all() and pk.weight.shape == (9,)  # g[0] is fixed, not a parameter
+
+
+def test_toeplitz_without_fix_first_or_normalisation():
+    pk = PositionalKernel(6, "toeplitz", normalize=False, fix_first=False)
+    assert pk.weight.shape == (6,) and pk.weight[0] == 1.0
+    torch.testing.assert_close(pk(6).diagonal(), torch.ones(6))
+
+
+def test_full_kernel_init_and_normalisation():
+    torch.manual_seed(0)
+    pk = PositionalKernel(8, "full")
+    A = pk(8)
+    assert torch.all(A.triu(1) == 0)
+    torch.testing.assert_close(A.norm(), torch.tensor(1.0))
+    raw = pk.weight.detach()
+    torch.testing.assert_close(raw.diagonal(), torch.ones(8))
+    off = raw.tril(-1)
+    assert (off >= 0).all() and 0 < off.abs().max() < 0.2
+    un = PositionalKernel(8, "full", normalize=False)
+    torch.testing.assert_close(un(8), un.weight.detach().tril())
+
+
+@pytest.mark.parametrize("kind", ["toeplitz", "full"])
+@pytest.mark.parametrize("heads", [None, 3])
+def test_trailing_block_alignment(kind, heads):
+    pk = PositionalKernel(12, kind, num_heads=heads)
+    full = pk(12)
+    for T in (1, 5, 11):
+        torch.testing.assert_close(pk(T), full[..., -T:, -T:])
+    assert full.shape == ((12, 12) if heads is None else (3, 12, 12))
+    with pytest.raises(ValueError, match="max_len=12"):
+        pk(13)
+
+
+def test_attention_module_shapes_and_backends_agree():
+    torch.manual_seed(0)
+    m = PKAttention(16, 4, max_len=10).double()
+    ref = PKAttention(16, 4, max_len=10, backend="reference").double()
+    ref.load_state_dict(m.state_dict())
+    x, y = torch.randn(3, 10, 16, dtype=torch.float64), torch.randn(3, 10, 16, dtype=torch.float64)
+    lens = torch.tensor([10, 4, 0])
+    A = PositionalKernel(10, "toeplitz").double()(10)
+    out = m(x, y, lens, key_kernel=A, value_kernel=A.t().tril())
+    out_ref = ref(x, y, lens, key_kernel=A, value_kernel=A.t().tril())
+    assert out.shape == (3, 10, 16)
+    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+
+
+def _transformer_pair(**kw):
+    torch.manual_seed(0)
+    m = PKATransformer(2, 16, 2, max_len=12, dropout=0.0, **kw).double()
+    ref = PKATransformer(2, 16, 2, max_len=12, dropout=0.0, backend="reference", **kw).double()
+    ref.load_state_dict(m.state_dict())
+    return m, ref
+
+
+@pytest.mark.parametrize("block", ["pre_ln", "authors"])
+@pytest.mark.parametrize("per_head", [False, True])
+def test_transformer_compiled_and_reference_agree(block, per_head):
+    m, ref = _transformer_pair(block=block, per_head_kernels=per_head)
+    x = torch.randn(4, 9, 16, dtype=torch.float64)
+    lens = torch.tensor([9, 1, 0, 5])
+    out, out_ref = m(x, lens), ref(x, lens)
+    torch.testing.assert_close(out, out_ref, atol=1e-10, rtol=0)
+    out.square().sum().backward()
+    out_ref.square().sum().backward()
+    for (name, p), p_ref in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-9, rtol=0, msg=lambda s: f"{name}: {s}")
+
+
+def test_transformer_default_kernel_sharing_and_gradients():
+    m = PKATransformer(3, 16, 2, max_len=12)
+    assert len(m.key_kernels) == 3 and len(m.value_kernels) == 1
+    assert all(k.kind == "toeplitz" for k in m.key_kernels) and m.value_kernels[0].kind == "full"
+    pairs = m.kernel_matrices(12)
+    assert all(v is pairs[0][1] for _, v in pairs)  # one A_v object used by every layer
+    x = torch.randn(2, 12, 16)
+    m(x, torch.tensor([12, 6])).square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_transformer_sharing_switches():
+    m = PKATransformer(2, 8, 1, max_len=5, share_key_kernel=True, share_value_kernel=False,
+                       key_kernel="full", value_kernel="toeplitz")
+    assert len(m.key_kernels) == 1 and len(m.value_kernels) == 2
+    assert m.key_kernels[0].kind == "full" and m.value_kernels[1].kind == "toeplitz"
+
+
+def test_transformer_padding_rows_zero_and_independent_of_pad_amount():
+    # Left padding plus trailing-block kernels: the real rows' outputs do not depend on how much
+    # padding precedes them.
+    m = PKATransformer(2, 8, 2, max_len=16).double().eval()
+    seq = torch.randn(1, 5, 8, dtype=torch.float64)
+    short = m(seq, torch.tensor([5]))
+    padded_in = torch.cat([torch.randn(1, 7, 8, dtype=torch.float64), seq], dim=1)
+    padded = m(padded_in, torch.tensor([5]))
+    assert torch.all(padded[:, :7] == 0)
+    torch.testing.assert_close(padded[:, 7:], short, atol=1e-12, rtol=0)
+
+
+def test_transformer_rejects_long_sequences_and_bad_options():
+    m = PKATransformer(1, 8, 1, max_len=4)
+    with pytest.raises(ValueError, match="max_len=4"):
+        m(torch.randn(1, 5, 8))
+    with pytest.raises(ValueError, match="backend"):
+        PKATransformer(1, 8, 1, max_len=4, backend="tpu")
+    with pytest.raises(ValueError, match="block"):
+        PKATransformer(1, 8, 1, max_len=4, block="post_ln")
+    with pytest.raises(ValueError, match="kind"):
+        PositionalKernel(4, "circulant")
+    with pytest.raises(ValueError, match="divisible"):
+        PKAttention(10, 3, max_len=4)
+
+
+def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
+    m = PKAttention(8, 2, max_len=4, backend="cuda")
+    A = torch.eye(4)
+    with pytest.raises(RuntimeError, match="backend='cuda' cannot run inputs on cpu"):
+        m(torch.randn(1, 4, 8), key_kernel=A, value_kernel=A)
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(0)
+    m = PKATransformer(1, 8, 2, max_len=6, dropout=0.5)
+    x = torch.randn(2, 6, 8)
+    m.eval()
+    assert torch.equal(m(x), m(x))
+    m.train()
+    assert not torch.equal(m(x), m(x))

@@ -1,0 +1,242 @@
+"""The compiled CPU op against python_ref, plus the contract's special cases."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import pka_ext
+import python_ref
+from conftest import make_inputs, max_rel_err
+
+GRAD_NAMES = ("q", "k", "v", "a_k", "a_v")
+
+
+def run_both(args, *, dropout_p=0.0, seed=None, grad_seed=1):
+    """Output and the five input gradients from the compiled op and from python_ref."""
+    q, k, v, a_k, a_v, lengths = args
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p, seed=seed)
+    ref = python_ref.pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p, seed=seed)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_seed), dtype=out.dtype)
+    grads = torch.autograd.grad(out, (q, k, v, a_k, a_v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v, a_k, a_v), g)
+    return out, ref, grads, ref_grads
+
+
+def assert_close_to_ref(args, atol, **kw):
+    out, ref, grads, ref_grads = run_both(args, **kw)
+    torch.testing.assert_close(out, ref, atol=atol, rtol=0)
+    for name, g, r in zip(GRAD_NAMES, grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=atol, rtol=0, msg=lambda m: f"grad {name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "T,d,H,per_head,lengths,dropout_p",
+    list(itertools.product([1, 2, 17, 64, 129], [1, 8, 40, 64], [1, 3], [False, True],
+                           ["random", None], [0.0, 0.25])),
+)
+def test_matches_reference_float64(T, d, H, per_head, lengths, dropout_p):
+    args = make_inputs(3, H, T, d, per_head=per_head, lengths=lengths, seed=T * 1000 + d)
+    assert_close_to_ref(args, atol=1e-10, dropout_p=dropout_p, seed=1234 + T)
+
+
+def test_float32_close_to_float64_reference():
+    args64 = make_inputs(4, 2, 50, 32, per_head=True)
+    args32 = [None if t is None else (t.detach().float().requires_grad_() if t.is_floating_point() else t)
+              for t in args64]
+    out32 = pka_ext.pka_attention(*args32)
+    ref64 = python_ref.pka_attention(*args64)
+    assert out32.dtype == torch.float32
+    assert max_rel_err(out32, ref64) < 1e-5
+
+
+def test_dropout_mask_bit_identical_to_reference():
+    # With q = 0 every visible key gets the same probability, and with v = I, a_v = I the output
+    # row is that probability row, so the output's zero pattern is the dropout mask.
+    B, H, T, p, seed = 2, 3, 40, 0.3, 987654321
+    q = torch.zeros(B, H, T, T, dtype=torch.float64)
+    v = torch.eye(T, dtype=torch.float64).expand(B, H, T, T)
+    eye = torch.eye(T, dtype=torch.float64)
+    out = pka_ext.pka_attention(q, torch.randn(B, H, T, T, dtype=torch.float64), v, eye, eye,
+                                dropout_p=p, seed=seed)
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    keep = python_ref.dropout_keep_mask(seed, B, H, T) >= python_ref.dropout_threshold(p)
+    assert torch.equal(out != 0, keep & causal)
+    n = causal.sum(-1, dtype=torch.float64)[:, None]  # visible keys per row
+    expected = keep * causal / n / (1 - p)
+    torch.testing.assert_close(out, expected.double(), atol=1e-12, rtol=0)
+
+
+def test_dropout_keep_rate_and_seed_dependence():
+    B, H, T, p = 4, 4, 256, 0.3
+    bits = python_ref.dropout_keep_mask(7, B, H, T)
+    keep = bits >= python_ref.dropout_threshold(p)
+    assert abs(keep.double().mean().item() - (1 - p)) < 0.003
+    other = python_ref.dropout_keep_mask(8, B, H, T) >= python_ref.dropout_threshold(p)
+    assert (keep != other).double().mean().item() > 0.3  # independent masks disagree on ~2p(1-p)
+    # neighbouring elements are uncorrelated
+    x = keep.double()
+    corr = torch.corrcoef(torch.stack([x[..., :-1].flatten(), x[..., 1:].flatten()]))[0, 1]
+    assert abs(corr.item()) < 0.01
+
+
+def test_seed_none_uses_torch_default_generator():
+    q, k, v, a_k, a_v, lengths = make_inputs(2, 2, 16, 8, requires_grad=False)
+    torch.manual_seed(5)
+    o1 = pka_ext.pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=0.5)
+    torch.manual_seed(5)
+    o2 = pka_ext.pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=0.5)
+    o3 = pka_ext.pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=0.5)
+    assert torch.equal(o1, o2)
+    assert not torch.equal(o2, o3)
+
+
+def test_upper_triangle_ignored_and_gets_zero_gradient():
+    q, k, v, a_k, a_v, lengths = make_inputs(3, 2, 12, 4, per_head=True)
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lengths)
+    out_tril = pka_ext.pka_attention(q, k, v, a_k.tril(), a_v.tril(), lengths)
+    assert torch.equal(out, out_tril)
+    out.sum().backward()
+    upper = torch.ones(12, 12, dtype=torch.bool).triu(1)
+    assert torch.all(a_k.grad[:, upper] == 0) and torch.all(a_v.grad[:, upper] == 0)
+    assert a_k.grad[:, ~upper].abs().sum() > 0 and a_v.grad[:, ~upper].abs().sum() > 0
+
+
+def test_padded_positions_exactly_zero():
+    lengths = [0, 3, 10, 7]
+    q, k, v, a_k, a_v, lens = make_inputs(4, 2, 10, 5, lengths=lengths)
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
+    out.backward(torch.randn_like(out))
+    for b, L in enumerate(lengths):
+        s = 10 - L
+        for t in (out, q.grad, k.grad, v.grad):
+            assert torch.all(t[b, :, :s] == 0)
+        if L > 0:
+            assert out[b, :, s:].abs().min() > 0
+
+
+def test_padded_inputs_do_not_leak():
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, 9, 4, lengths=[4, 9], requires_grad=False)
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
+    garbage = [t.clone() for t in (q, k, v)]
+    for t in garbage:
+        t[0, :, :5] = 1e6
+    out2 = pka_ext.pka_attention(*garbage, a_k, a_v, lens)
+    assert torch.equal(out, out2)
+
+
+def test_no_nan_or_inf_with_extreme_scores():
+    q, k, v, a_k, a_v, lens = make_inputs(3, 1, 20, 8, lengths=[0, 1, 20])
+    with torch.no_grad():
+        q.mul_(300.0)
+        k.mul_(300.0)
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
+    out.sum().backward()
+    for t in (out, q.grad, k.grad, v.grad, a_k.grad, a_v.grad):
+        assert torch.isfinite(t).all()
+
+
+def test_strided_inputs_match_contiguous():
+    B, T, H, d = 3, 14, 2, 6
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(B, T, 3, H, d + 2, generator=g, dtype=torch.float64)
+    q, k, v = (base[:, :, i, :, 1:d + 1].transpose(1, 2) for i in range(3))  # [B, H, T, d], strided
+    assert not q.is_contiguous()
+    a = torch.randn(2 * T, 2 * T, generator=g, dtype=torch.float64)[::2, ::2]
+    lens = torch.tensor([14, 5, 0])
+    out = pka_ext.pka_attention(q, k, v, a, a.t(), lens)
+    ref = pka_ext.pka_attention(q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
+                                a.t().contiguous(), lens)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+def test_explicit_scale():
+    args = make_inputs(2, 2, 8, 4)
+    out = pka_ext.pka_attention(*args, scale=0.37)
+    ref = python_ref.pka_attention(*args, scale=0.37)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_gradcheck(per_head, dropout_p):
+    args = make_inputs(2, 2, 5, 3, per_head=per_head, lengths=[5, 3])
+
+    def fn(q, k, v, a_k, a_v):
+        return pka_ext.pka_attention(q, k, v, a_k, a_v, args[5], dropout_p=dropout_p, seed=11)
+
+    assert torch.autograd.gradcheck(fn, args[:5])
+
+
+def test_opcheck_forward_and_backward():
+    for per_head, dropout_p, lengths in [(False, 0.0, None), (True, 0.3, "random"), (False, 0.1, "random")]:
+        for dtype in (torch.float32, torch.float64):
+            q, k, v, a_k, a_v, lens = make_inputs(3, 2, 7, 4, per_head=per_head, dtype=dtype, lengths=lengths)
+            seed = torch.tensor(42) if dropout_p > 0 else None
+            fwd_args = (q, k, v, a_k, a_v, lens, 0.5, dropout_p, seed)
+            torch.library.opcheck(torch.ops.pka_ext.pka_fwd, fwd_args)
+            out, lse = torch.ops.pka_ext.pka_fwd(*fwd_args)
+            dout = torch.randn_like(out)
+            bwd_args = (dout, q.detach(), k.detach(), v.detach(), a_k.detach(), a_v.detach(), lens,
+                        out.detach(), lse.detach(), 0.5, dropout_p, seed)
+            torch.library.opcheck(torch.ops.pka_ext.pka_bwd, bwd_args)
+
+
+def test_torch_compile_fullgraph():
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, 8, 4, dtype=torch.float32)
+
+    @torch.compile(fullgraph=True, backend="aot_eager")
+    def f(q, k, v, a_k, a_v, lens):
+        return pka_ext.pka_attention(q, k, v, a_k.tril() * 2, a_v, lens, dropout_p=0.2, seed=3).sum()
+
+    loss = f(q, k, v, a_k, a_v, lens)
+    loss.backward()
+    ref = pka_ext.pka_attention(q, k, v, a_k.tril() * 2, a_v, lens, dropout_p=0.2, seed=3).sum()
+    torch.testing.assert_close(loss, ref)
+    assert q.grad is not None and a_k.grad is not None
+
+
+def test_torch_compile_inductor_matches_eager():
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, 8, 4, dtype=torch.float32, requires_grad=False)
+    torch._dynamo.reset()
+    f = torch.compile(lambda *a: pka_ext.pka_attention(*a) * 2 + 1, fullgraph=True)
+    torch.testing.assert_close(f(q, k, v, a_k, a_v, lens),
+                               pka_ext.pka_attention(q, k, v, a_k, a_v, lens) * 2 + 1)
+
+
+def _random_case(rng: torch.Generator):
+    def pick(choices):
+        return choices[torch.randint(len(choices), (1,), generator=rng).item()]
+
+    B = pick([1, 2, 3, 5])
+    H = pick([1, 2, 3])
+    T = pick([1, 2, 3, 7, 16, 31, 33])
+    d = pick([1, 2, 5, 16])
+    per_head = pick([False, True])
+    lengths = pick(["random", None])
+    dropout_p = pick([0.0, 0.0, 0.1, 0.5, 0.9])
+    scale = pick([None, 0.1, 2.0])
+    return B, H, T, d, per_head, lengths, dropout_p, scale
+
+
+def _sweep(n_cases: int, seed: int):
+    rng = torch.Generator().manual_seed(seed)
+    for case in range(n_cases):
+        B, H, T, d, per_head, lengths, dropout_p, scale = _random_case(rng)
+        args = make_inputs(B, H, T, d, per_head=per_head, lengths=lengths, seed=seed + case)
+        try:
+            assert_close_to_ref(args, atol=1e-10, dropout_p=dropout_p, seed=case, grad_seed=case)
+        except AssertionError as err:
+            raise AssertionError(f"case {case}: B={B} H={H} T={T} d={d} per_head={per_head} "
+                                 f"lengths={args[5]} dropout_p={dropout_p}: {err}") from err
+
+
+def test_randomized_sweep_quick():
+    _sweep(200, seed=2024)
+
+
+@pytest.mark.slow
+def test_randomized_sweep_full():
+    _sweep(2000, seed=77)

@@ -180,13 +180,15 @@ class PKABlock(nn.Module):
     """
 
     def __init__(self, embed_dim: int, num_heads: int, max_len: int, ffn_dim: int,
-                 dropout: float, block: str, backend: str):
+                 dropout: float, block: str, backend: str = "auto", attn: nn.Module | None = None):
         super().__init__()
         if block not in ("pre_ln", "authors"):
             raise ValueError(f"block must be 'pre_ln' or 'authors', got {block!r}")
         self.block = block
         self.ln1 = nn.LayerNorm(embed_dim)
-        self.attn = PKAttention(embed_dim, num_heads, max_len, dropout=dropout, backend=backend)
+        # Any module with PKAttention's forward signature fits, e.g. the recommender's baselines.
+        self.attn = attn if attn is not None else PKAttention(
+            embed_dim, num_heads, max_len, dropout=dropout, backend=backend)
         self.ln2 = nn.LayerNorm(embed_dim)
         self.ffn = nn.Sequential(nn.Linear(embed_dim, ffn_dim), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(ffn_dim, embed_dim))
@@ -274,13 +276,20 @@ class PKATransformer(nn.Module):
         B, T, _ = x.shape
         if T > self.max_len:
             raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")
-        keep = padding_mask(lengths, B, T, x.device)
-        keep = None if keep is None else keep.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
+        kernels = [(a_k.to(x.dtype), a_v.to(x.dtype)) for a_k, a_v in self.kernel_matrices(T)]
+        return run_blocks(self.blocks, self.final_ln, x, lengths, kernels)
+
+
+def run_blocks(blocks, final_ln, x, lengths, kernels):
+    """Applies blocks (with their (A_k, A_v) pairs) and the final LayerNorm, keeping padded rows 0."""
+    B, T, _ = x.shape
+    keep = padding_mask(lengths, B, T, x.device)
+    keep = None if keep is None else keep.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
+    if keep is not None:
+        x = x * keep
+    for block, (a_k, a_v) in zip(blocks, kernels):
+        x = block(x, lengths, a_k, a_v)
         if keep is not None:
-            x = x * keep
-        for block, (a_k, a_v) in zip(self.blocks, self.kernel_matrices(T)):
-            x = block(x, lengths, a_k.to(x.dtype), a_v.to(x.dtype))
-            if keep is not None:
-                x = x * keep  # padded rows pick up biases in the FFN; keep them exactly 0
-        x = self.final_ln(x)
-        return x if keep is None else x * keep
+            x = x * keep  # padded rows pick up biases in the FFN; keep them exactly 0
+    x = final_ln(x)
+    return x if keep is None else x * keep

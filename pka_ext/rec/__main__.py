@@ -1,0 +1,3 @@
+from pka_ext.rec.cli import main
+
+main()

@@ -1,0 +1,106 @@
+"""Run configuration: dataclasses that round-trip through dict / JSON and travel with checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+MODELS = ("psa", "sasrec", "nope", "rope")
+
+
+@dataclass
+class ModelConfig:
+    """The sequential recommender's architecture.
+
+    ``model`` picks the positional scheme: ``psa`` (positional kernels, no positional embedding),
+    ``sasrec`` (learned absolute positional embeddings), ``nope`` (none), ``rope`` (rotary
+    embeddings on queries and keys). The ``*_kernel`` fields apply to ``psa`` only.
+    """
+
+    model: str = "psa"
+    num_items: int = 0
+    hidden: int = 64
+    num_blocks: int = 2
+    num_heads: int = 1
+    max_len: int = 50
+    dropout: float = 0.2
+    block: str = "pre_ln"  # "pre_ln" or "authors" (residual from LayerNorm(X), as the authors' code)
+    key_kernel: str = "toeplitz"
+    value_kernel: str = "full"
+    share_key_kernel: bool = False
+    share_value_kernel: bool = True
+    normalize_kernels: bool = True
+    add_positional_embedding: bool = False  # psa ablation: kernels plus absolute embeddings
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.model not in MODELS:
+            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        if self.hidden % self.num_heads:
+            raise ValueError(f"hidden={self.hidden} must be divisible by num_heads={self.num_heads}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and evaluation settings."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    patience: int = 5
+    seed: int = 0
+    loss: str = "ce"  # "ce": full-catalogue cross-entropy; "sampled": sampled softmax
+    num_negatives: int = 256
+    eval_k: int = 10
+    eval_batch_size: int = 512
+    device: str = "cpu"
+
+    def __post_init__(self):
+        if self.loss not in ("ce", "sampled"):
+            raise ValueError(f"loss must be 'ce' or 'sampled', got {self.loss!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the interactions come from and how they are split."""
+
+    path: str | None = None
+    format: str = "synthetic"  # s3rec, sasrec, recbole, csv, synthetic
+    protocol: str = "loo"  # loo or temporal
+    val_start: float = 0.95
+    test_start: float = 0.97
+    max_eval_events: int | None = None
+    name: str | None = None
+
+    @property
+    def dataset_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.path:
+            import os
+
+            return os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
+        return self.format
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        return cls(ModelConfig(**d["model"]), TrainConfig(**d["train"]), DataConfig(**d["data"]))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_json(cls, s: str) -> "RunConfig":
+        return cls.from_dict(json.loads(s))

@@ -1,0 +1,87 @@
+"""Full-ranking evaluation: NDCG@k, HR@k, COV@k, computed batched on the model's device."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+
+def pad_left(seqs, length: int) -> np.ndarray:
+    """Left-pads (with 0) or truncates to the last ``length`` items: [len(seqs), length] int64."""
+    out = np.zeros((len(seqs), length), dtype=np.int64)
+    for r, s in enumerate(seqs):
+        s = np.asarray(s, dtype=np.int64)[-length:]
+        if s.size:
+            out[r, length - s.size:] = s
+    return out
+
+
+def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
+    """Per-event HR@k and NDCG@k from a score matrix, plus the top-k lists.
+
+    scores: [n, N + 1] (column 0 = padding, already -inf along with excluded items); targets: [n].
+    The rank counts items scoring strictly higher plus half of the other items tied with the
+    target, so a constant model gets the expected rank of a random order, not rank 0.
+    """
+    t = scores.gather(1, targets[:, None])  # [n, 1]
+    higher = (scores > t).sum(1).double()
+    ties = (scores == t).sum(1).double() - 1
+    rank = higher + ties / 2
+    hit = (rank < k).double()
+    ndcg = hit / torch.log2(rank + 2)
+    topk = scores.topk(k, dim=1).indices
+    return hit, ndcg, topk
+
+
+@torch.no_grad()
+def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None, keep=None):
+    """Yields (row slice, scores [n, N + 1]) for histories; padding and, per row, the items of
+    ``exclude[row]`` (default: the full history) get -inf, except ``keep[row]`` if given."""
+    max_len = model.cfg.max_len
+    for start in range(0, len(contexts), batch_size):
+        ctx = contexts[start:start + batch_size]
+        seqs = torch.from_numpy(pad_left(ctx, max_len)).to(device)
+        s = model.scores(model.encode(seqs)[:, -1]).float()  # [n, N + 1]
+        kept = None if keep is None else torch.as_tensor(keep[start:start + len(ctx)], device=device)
+        kept_scores = None if kept is None else s.gather(1, kept[:, None])
+        ex = ctx if exclude is None else exclude[start:start + len(ctx)]
+        rows = np.concatenate([np.full(len(c), r) for r, c in enumerate(ex)] + [np.zeros(0, int)])
+        cols = np.concatenate([np.asarray(c, dtype=np.int64) for c in ex] + [np.zeros(0, int)])
+        s[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf
+        s[:, 0] = -math.inf
+        if kept is not None:
+            s.scatter_(1, kept[:, None], kept_scores)
+        yield slice(start, start + len(ctx)), s
+
+
+@torch.no_grad()
+def evaluate(model, evalset, num_items: int, *, k: int = 10, batch_size: int = 512,
+             device="cpu") -> dict:
+    """Metrics of ``model`` on an :class:`~pka_ext.rec.protocols.EvalSet`.
+
+    Full ranking over all items; items already in the context are excluded, except the target
+    itself when it repeats an earlier item (excluding it would make the event unwinnable).
+    Returns ``{"ndcg@k", "hr@k", "cov@k", "events"}``.
+    """
+    was_training = model.training
+    model.eval()
+    targets = np.asarray(evalset.targets, dtype=np.int64)
+    hits, ndcgs, tops = [], [], []
+    for rows, s in score_contexts(model, evalset.contexts, device, batch_size, keep=targets):
+        t = torch.from_numpy(targets[rows]).to(s.device)
+        hit, ndcg, topk = rank_metrics(s, t, k)
+        hits.append(hit)
+        ndcgs.append(ndcg)
+        tops.append(topk.flatten())
+    model.train(was_training)
+    if not hits:
+        return {f"ndcg@{k}": 0.0, f"hr@{k}": 0.0, f"cov@{k}": 0.0, "events": 0}
+    cov = torch.cat(tops).unique().numel() / num_items
+    return {
+        f"ndcg@{k}": torch.cat(ndcgs).mean().item(),
+        f"hr@{k}": torch.cat(hits).mean().item(),
+        f"cov@{k}": cov,
+        "events": len(targets),
+    }

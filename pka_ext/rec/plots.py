@@ -1,0 +1,86 @@
+"""Pictures of what PSA learns: the kernels (paper Fig. 1) and averaged attention (Fig. 2).
+
+Needs matplotlib (``pip install pka-ext[plot]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
+    return plt
+
+
+@torch.no_grad()
+def average_attention(model, contexts, max_batches: int = 8, batch_size: int = 256) -> np.ndarray:
+    """Mean attention map [T, T] of the first block over full-length histories.
+
+    For PSA: softmax(scale * Q (A_k K0)^T) with the model's own projections and kernels; for the
+    baselines the same with their keys (positional embeddings already in the input).
+    """
+    from pka_ext.rec.evaluate import pad_left
+
+    T = model.cfg.max_len
+    full = [c for c in contexts if len(c) >= T][: max_batches * batch_size]
+    if not full:
+        raise ValueError(f"no history has at least max_len={T} items to average attention over")
+    seqs = torch.from_numpy(pad_left(full, T)).to(next(model.parameters()).device)
+    captured = {}
+    block = model.backbone.blocks[0]
+    hook = block.attn.register_forward_hook(lambda m, args, out: captured.update(args=args))
+    model.eval()
+    model.encode(seqs)
+    hook.remove()
+    query, key_value = captured["args"][:2]
+    attn = block.attn
+    B, H, hd = seqs.shape[0], attn.num_heads, attn.head_dim
+    q = attn.q_proj(query).view(B, T, H, hd).transpose(1, 2)
+    k = attn.kv_proj(key_value).view(B, T, 2, H, hd)[:, :, 0].transpose(1, 2)
+    if model.cfg.model == "psa":
+        k = model.backbone.kernel_matrices(T)[0][0].to(k.dtype) @ k
+    elif getattr(attn, "rope", False):
+        from pka_ext.rec.models import rotate_half_rope
+
+        q = rotate_half_rope(q, attn.cos[-T:], attn.sin[-T:])
+        k = rotate_half_rope(k, attn.cos[-T:], attn.sin[-T:])
+    s = (q @ k.transpose(-1, -2)) * hd**-0.5
+    s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=s.device).tril(), float("-inf"))
+    return s.softmax(-1).mean(dim=(0, 1)).cpu().numpy()
+
+
+def plot_kernels(model, out_path: str, contexts=None) -> None:
+    """Draws A_k of every layer and A_v (PSA), plus the averaged attention map if contexts given."""
+    plt = _pyplot()
+    T = model.cfg.max_len
+    panels = []
+    if model.cfg.model == "psa":
+        bb = model.backbone
+        panels += [(f"A_k layer {i + 1}", m(T)) for i, m in enumerate(bb.key_kernels)]
+        panels += [(f"A_v {'shared' if len(bb.value_kernels) == 1 else f'layer {i + 1}'}", m(T))
+                   for i, m in enumerate(bb.value_kernels)]
+        panels = [(name, a.detach().float().cpu().numpy().reshape(-1, T, T)[0]) for name, a in panels]
+    if contexts is not None:
+        panels.append(("mean attention, block 1", average_attention(model, contexts)))
+    if not panels:
+        raise ValueError("nothing to plot: the model has no kernels and no contexts were given")
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, mat) in zip(axes[0], panels):
+        shown = np.where(np.tril(np.ones_like(mat)) > 0, mat, np.nan)
+        im = ax.imshow(shown, cmap="viridis")
+        ax.set_title(name)
+        ax.set_xlabel("key position j")
+        ax.set_ylabel("query position i")
+        fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.suptitle(f"{model.cfg.model}: learned positional structure (T={T})")
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,95 @@
+"""Checkpoints and the user-facing :class:`Recommender` (load a trained model, recommend)."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+import torch
+
+from pka_ext.rec.config import RunConfig
+from pka_ext.rec.data import ItemVocab
+from pka_ext.rec.evaluate import score_contexts
+from pka_ext.rec.models import SeqRecModel
+
+CHECKPOINT_FORMAT = "pka-rec-checkpoint/1"
+
+
+def save_checkpoint(path: str, model, config: RunConfig, id_maps: dict, *, metrics=None,
+                    train_state: dict | None = None) -> None:
+    """Writes model weights, config, id maps, metrics and (for resuming) the training state.
+
+    Written to a temporary file first and renamed, so an interrupted save never leaves a torn file.
+    """
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "config": config.to_dict(),
+        "model_state": model.state_dict(),
+        "id_maps": id_maps,
+        "metrics": metrics,
+        "train_state": train_state,
+    }
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str, device="cpu") -> dict:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    return ckpt
+
+
+class Recommender:
+    """A trained model with its id maps; recommends original item ids for raw histories."""
+
+    def __init__(self, model: SeqRecModel, config: RunConfig, vocab: ItemVocab, device="cpu"):
+        self.model = model.to(device).eval()
+        self.config, self.vocab, self.device = config, vocab, torch.device(device)
+
+    @classmethod
+    def load(cls, path: str, device="cpu") -> "Recommender":
+        ckpt = load_checkpoint(path, device)
+        config = RunConfig.from_dict(ckpt["config"])
+        model = SeqRecModel(config.model)
+        model.load_state_dict(ckpt["model_state"])
+        return cls(model, config, ItemVocab.from_dict(ckpt["id_maps"]), device)
+
+    def recommend(self, history, k: int = 10, *, exclude_seen: bool = True, batch_size: int = 512):
+        """Top-``k`` original item ids for one history or a batch of histories.
+
+        Parameters
+        ----------
+        history : list of ids, or list of lists of ids
+            Original item ids (str or int), oldest first. Ids unknown to the model are skipped
+            with a warning.
+        k : int
+        exclude_seen : bool
+            Leave items of the history out of the recommendations.
+
+        Returns
+        -------
+        list of str, or list of lists of str (batched input)
+        """
+        if k < 1 or k > len(self.vocab):
+            raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
+        single = len(history) == 0 or not isinstance(history[0], (list, tuple, np.ndarray))
+        histories = [history] if single else list(history)
+        contexts = []
+        for h in histories:
+            raw = [str(x) for x in h]
+            enc = self.vocab.encode(raw, unknown="skip")
+            if len(enc) < len(raw):
+                unknown = [r for r in raw if r not in self.vocab.index]
+                warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: {unknown[:5]}")
+            contexts.append(enc)
+        exclude = contexts if exclude_seen else [np.zeros(0, np.int64)] * len(contexts)
+        out = []
+        for _, s in score_contexts(self.model, contexts, self.device, batch_size, exclude=exclude):
+            out.extend(self.vocab.decode(row) for row in s.topk(k, dim=1).indices.cpu().numpy())
+        return out[0] if single else out

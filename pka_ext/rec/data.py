@@ -1,4 +1,4 @@
-"""Interaction data: the in-memory container, the item vocabulary and readers for common file formats.
+"""Interaction data: the in-memory container, the item vocabulary and readers for file formats.
 
 Every reader returns an :class:`Interactions`: one chronological sequence of remapped item ids per
 user. Remapped ids run from 1 to ``num_items``; 0 is reserved for padding. Users keep the order in
@@ -229,7 +229,7 @@ class Interactions:
 
     @cached_property
     def vocab(self) -> ItemVocab:
-        """The item vocabulary built from ``item_ids`` (computed once; do not mutate ``item_ids``)."""
+        """Item vocabulary of ``item_ids``, built on first use (so do not mutate ``item_ids``)."""
         return ItemVocab(self.item_ids)
 
     def id_maps(self) -> dict[str, list[str]]:
@@ -444,9 +444,9 @@ def read_recbole_inter(path: str | Path, *, skip_bad: bool = False) -> Interacti
         names = []
         for spec in header.split("\t"):
             name, colon, typ = spec.strip().partition(":")
-            if not colon or not name or not typ:
+            if not colon or not name or not typ or any(c.isspace() for c in spec.strip()):
                 raise DataError(f"{path}:1: header field {spec!r} is not of the form name:type "
-                                f"(header: {header!r})")
+                                f"(fields are tab-separated; header: {header!r})")
             names.append(name)
         for required in ("user_id", "item_id"):
             if required not in names:

@@ -3,9 +3,9 @@
 // Every dense product goes through ATen (cuBLAS batched GEMMs); the only hand-written kernels are
 // two row-wise ones, "masked softmax rows" (forward) and "softmax backward rows" (backward), which
 // fuse the causal + left-padding mask, the fp32/fp64 softmax arithmetic and the counter-based
-// dropout of pka_dropout.h. This path materialises [B, H, T, T] score/probability tensors, so its
-// memory grows with T^2 per (batch, head); the fused flash-style kernels that avoid that are tracked
-// separately. The algorithm mirrors pka_cpu.cpp step for step:
+// dropout of pka_dropout.h. This path materialises [B, H, T, T] score/probability tensors, so
+// its memory grows with T^2 per (batch, head); the fused flash-style kernels that avoid that are
+// tracked separately. The algorithm mirrors pka_cpu.cpp step for step:
 //
 //   s_b = T - lengths[b]; row i of (b, h) is a real query iff i >= s_b; key j is visible from
 //   query i iff s_b <= j <= i. Padded rows of q, k, v, dout are ignored (here: zeroed before use,
@@ -18,8 +18,8 @@
 //
 // Headers: at::cuda::getCurrentCUDAStream() is c10::cuda's (torch's Macros.h puts
 // `using namespace c10::cuda` into at::cuda), so <c10/cuda/CUDAStream.h> suffices.
-// <ATen/cuda/CUDAContext.h> is deliberately not included: it pulls in the cuBLAS / cuSPARSE headers,
-// which a bare CUDA toolkit (nvcc + cudart) lacks, and every GEMM here goes through ATen anyway.
+// <ATen/cuda/CUDAContext.h> is deliberately not included: it pulls in the cuBLAS / cuSPARSE
+// headers, which a bare CUDA toolkit (nvcc + cudart) lacks; every GEMM here goes through ATen.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>

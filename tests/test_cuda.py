@@ -71,6 +71,16 @@ def rel_err(x, ref):
     return ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item() if ref.numel() else 0.0
 
 
+def rel_err_l2(x, ref):
+    """||x - ref||_2 / ||ref||_2 over the whole tensor, in float64 on the CPU.
+
+    The half-type comparison uses this norm: a max-norm ratio of two rounding errors fluctuates by
+    tens of percent from element to element, the 2-norm ratio is stable.
+    """
+    x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
+    return ((x - ref).norm() / ref.norm().clamp_min(1e-30)).item() if ref.numel() else 0.0
+
+
 def assert_close(x, ref, tol, what=""):
     """max |x - ref| <= tol * max(1, max |ref|)."""
     x, ref = x.detach().double().cpu(), ref.detach().double().cpu()
@@ -185,9 +195,10 @@ def test_non_contiguous_inputs():
     nc += [a.transpose(-1, -2).contiguous().transpose(-1, -2) for a in (a_k, a_v)]
     nc_gpu = to(nc, DEVICE)
     assert not nc_gpu[0].is_contiguous()
-    dout = torch.randn(B, H, T, d, dtype=torch.float64)
-    out_g, grads_g = op_forward_backward(nc_gpu, lengths, None, 0.0, None,
-                                         dout.to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2))
+    dout = torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(6),
+                       dtype=torch.float64)
+    dout_nc = dout.to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2)
+    out_g, grads_g = op_forward_backward(nc_gpu, lengths, None, 0.0, None, dout_nc)
     out_c, grads_c = op_forward_backward([q, k, v, a_k, a_v], lengths, None, 0.0, None, dout)
     assert_close(out_g, out_c, 1e-10, "out")
     for name, gg, gc in zip(NAMES, grads_g, grads_c):
@@ -201,7 +212,8 @@ def test_long_rows_match_cpu_op(T):
     inputs = make_inputs(B, H, T, d, per_head=False, seed=T)
     lengths = torch.tensor([T, T - 77])
     dout = torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    out_g, grads_g = op_forward_backward(to(inputs, DEVICE), lengths, None, 0.1, 42, dout.to(DEVICE))
+    out_g, grads_g = op_forward_backward(to(inputs, DEVICE), lengths, None, 0.1, 42,
+                                         dout.to(DEVICE))
     out_c, grads_c = op_forward_backward(inputs, lengths, None, 0.1, 42, dout)
     assert_close(out_g, out_c, 1e-10, "out")
     for name, gg, gc in zip(NAMES, grads_g, grads_c):
@@ -213,7 +225,8 @@ def test_t4096_matches_reference():
     B, H, T, d = 1, 2, 4096, 16
     inputs = to(make_inputs(B, H, T, d, per_head=True, seed=11), DEVICE)
     lengths = torch.tensor([T - 1000], device=DEVICE)
-    dout = torch.randn(B, H, T, d, dtype=torch.float64, device=DEVICE)
+    g = torch.Generator().manual_seed(12)
+    dout = torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(DEVICE)
     out_g, grads_g = op_forward_backward(inputs, lengths, None, 0.2, 5, dout)
     out_r, grads_r = ref_forward_backward(inputs, lengths, None, 0.2, 5, dout)
     assert_close(out_g, out_r, 1e-10, "out")
@@ -238,8 +251,8 @@ def test_float32_vs_float64_reference(T, per_head, dropout_p):
     out32, lse32 = OP_FWD(*to(inputs, DEVICE, torch.float32), lengths, d**-0.5, dropout_p,
                           seed_tensor(dropout_p, seed))
     assert out32.dtype == torch.float32 and lse32.dtype == torch.float32
-    out_g, grads_g = op_forward_backward(to(inputs, DEVICE, torch.float32), lengths, None, dropout_p,
-                                         seed, dout.to(DEVICE, torch.float32))
+    out_g, grads_g = op_forward_backward(to(inputs, DEVICE, torch.float32), lengths, None,
+                                         dropout_p, seed, dout.to(DEVICE, torch.float32))
     out_r, grads_r = ref_forward_backward(inputs, lengths, None, dropout_p, seed, dout)
     assert rel_err(out32, out_r) <= 1e-4
     assert rel_err(out_g, out_r) <= 1e-4
@@ -254,12 +267,17 @@ def test_float32_vs_float64_reference(T, per_head, dropout_p):
 @pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
 @pytest.mark.parametrize("T", [64, 129])
 def test_half_types_no_worse_than_reference_in_same_dtype(T, per_head, dropout_p, dtype):
-    """Error vs float64 at most 2x that of python_ref computed in the same low precision."""
+    """Error vs float64 at most 2x that of python_ref computed in the same low precision.
+
+    (A CPU emulation of this path, GEMMs in the low dtype and row math in fp32, measured ratios of
+    0.5 to 0.9 for these shapes.)
+    """
     B, H, d = 2, 3, 64
     inputs64 = to(make_inputs(B, H, T, d, per_head, seed=T + 1), DEVICE)
     lengths = torch.tensor([T, T // 2 + 3], device=DEVICE)
     seed = 31 if dropout_p > 0 else None
-    dout64 = torch.randn(B, H, T, d, dtype=torch.float64, device=DEVICE)
+    g = torch.Generator().manual_seed(T)
+    dout64 = torch.randn(B, H, T, d, generator=g, dtype=torch.float64).to(DEVICE)
     # The low-precision runs start from the rounded inputs, so both see the same input error.
     inputs_lp = to(inputs64, DEVICE, dtype)
     dout_lp = dout64.to(dtype)
@@ -270,10 +288,11 @@ def test_half_types_no_worse_than_reference_in_same_dtype(T, per_head, dropout_p
     _, lse = OP_FWD(*inputs_lp, lengths, d**-0.5, dropout_p, seed_tensor(dropout_p, seed))
     assert op_out.dtype == dtype and lse.dtype == torch.float32
     floor = 1e-6  # keeps a (never expected) exact reference from demanding an exact op
-    assert rel_err(op_out, exact_out) <= 2 * rel_err(ref_out, exact_out) + floor
+    e_op, e_ref = rel_err_l2(op_out, exact_out), rel_err_l2(ref_out, exact_out)
+    assert e_op <= 2 * e_ref + floor, f"out: op {e_op:.3e} vs python_ref {e_ref:.3e}"
     for name, og, rg, eg in zip(NAMES, op_grads, ref_grads, exact_grads):
         assert og.dtype == dtype
-        e_op, e_ref = rel_err(og, eg), rel_err(rg, eg)
+        e_op, e_ref = rel_err_l2(og, eg), rel_err_l2(rg, eg)
         assert e_op <= 2 * e_ref + floor, f"d{name}: op {e_op:.3e} vs python_ref {e_ref:.3e}"
     pad = padded_rows(lengths, B, T)
     assert_padded_rows_zero(op_out, pad, "out")
@@ -287,7 +306,7 @@ def test_half_types_no_worse_than_reference_in_same_dtype(T, per_head, dropout_p
 
 
 def _poison_allocator(numels, dtype):
-    """Best effort: leave NaN-filled blocks in the caching allocator for the op's outputs to reuse."""
+    """Best effort: leave NaN-filled blocks in the caching allocator for the outputs to reuse."""
     blocks = [torch.full((n,), float("nan"), dtype=dtype, device=DEVICE) for n in numels]
     del blocks
 
@@ -299,7 +318,8 @@ def test_poisoned_padding_is_ignored(dtype):
     q, k, v, a_k, a_v = make_inputs(B, H, T, d, per_head=True, seed=9)
     lengths = make_lengths(B, T)
     pad = padded_rows(lengths, B, T)
-    dout = torch.randn(B, H, T, d, dtype=torch.float64)
+    dout = torch.randn(B, H, T, d, generator=torch.Generator().manual_seed(8),
+                       dtype=torch.float64)
     poisoned = []
     for t in (q, k, v, dout):
         t = t.clone()

@@ -1,0 +1,89 @@
+"""One training step (forward, full-catalogue CE, backward, Adam) of each recommender model.
+
+    python benchmarks/bench_train_step.py            # B=128, T=50, D=128, 2 blocks, 12,101 items
+
+Batches are random item sequences with lengths uniform in [1, T]; median of --repeats steps after
+warm-up, all models in one process with the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import describe, machine_info, median_time, write_results  # noqa: E402
+
+from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
+from pka_ext.rec.models import SeqRecModel  # noqa: E402
+from pka_ext.rec.train import make_optimizer, next_item_loss  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--max-len", type=int, default=50)
+    ap.add_argument("--hidden", type=int, default=128)
+    ap.add_argument("--blocks", type=int, default=2)
+    ap.add_argument("--items", type=int, default=12101)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    rng = np.random.default_rng(0)
+    B, T = args.batch, args.max_len
+    lengths = rng.integers(1, T + 1, B)
+    seqs = np.zeros((B, T + 1), dtype=np.int64)
+    for b, L in enumerate(lengths):
+        seqs[b, T + 1 - (L + 1):] = rng.integers(1, args.items + 1, L + 1)
+    x = torch.from_numpy(seqs[:, :-1]).to(args.device)
+    y = torch.from_numpy(seqs[:, 1:]).to(args.device)
+    cfg = TrainConfig(device=args.device)
+    rows = {}
+    for name in ("psa", "sasrec", "nope", "rope"):
+        torch.manual_seed(0)
+        model = SeqRecModel(ModelConfig(model=name, num_items=args.items, hidden=args.hidden,
+                                        num_blocks=args.blocks, num_heads=1, max_len=T,
+                                        dropout=0.2)).to(args.device)
+        opt = make_optimizer(model, cfg)
+
+        def step():
+            loss = next_item_loss(model, x, y, cfg, args.items) / (y != 0).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if args.device.startswith("cuda"):
+                torch.cuda.synchronize()
+
+        rows[name] = 1e3 * median_time(step, repeats=args.repeats, warmup=3)
+        print(f"{name}: {rows[name]:.1f} ms/step", flush=True)
+    info = machine_info()
+    ratio = rows["psa"] / rows["sasrec"]
+    md = [
+        "# Training step: PSA vs baselines",
+        "",
+        f"Machine: {describe(info)}.",
+        f"Command: `python benchmarks/bench_train_step.py` (B={B}, T={T}, D={args.hidden}, "
+        f"{args.blocks} blocks, 1 head, {args.items} items, full-catalogue CE + Adam, "
+        f"device {args.device}, median of {args.repeats} steps).",
+        "",
+        "| model | ms / step | vs sasrec |",
+        "|---|---|---|",
+        *[f"| {n} | {t:.1f} | {t / rows['sasrec']:.2f}x |" for n, t in rows.items()],
+        "",
+        f"psa / sasrec step-time ratio: **{ratio:.2f}** (target <= 1.10).",
+    ]
+    write_results(f"train_step_{args.device.split(':')[0]}",
+                  {"machine": info, "args": vars(args), "ms_per_step": rows, "psa_over_sasrec": ratio},
+                  "\n".join(md) + "\n", args.out)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -64,6 +64,22 @@ inline Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
   return dims;
 }
 
+// The backward's extra tensors: dout and out shaped like q, lse [B, H, T] of the backend's dtype.
+inline void check_backward_inputs(const at::Tensor& dout, const at::Tensor& out,
+                                  const at::Tensor& lse, const at::Tensor& q, const Dims& d,
+                                  at::ScalarType lse_dtype) {
+  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
+              "dout must match q: got ", dout.sizes(), " ", dout.scalar_type(), ", expected ",
+              q.sizes(), " ", q.scalar_type());
+  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
+              "out must match q: got ", out.sizes(), " ", out.scalar_type(), ", expected ",
+              q.sizes(), " ", q.scalar_type());
+  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T &&
+                  lse.scalar_type() == lse_dtype,
+              "lse must be [B, H, T] = [", d.B, ", ", d.H, ", ", d.T, "] of dtype ", lse_dtype,
+              ", got ", lse.sizes(), " ", lse.scalar_type());
+}
+
 // Reads lengths on the host (they are [B] int64, tiny) and checks 0 <= lengths[b] <= T.
 inline std::vector<int64_t> host_lengths(const std::optional<at::Tensor>& lengths, const Dims& d) {
   std::vector<int64_t> out(d.B, d.T);

@@ -213,16 +213,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cpu_dtype(q, "pka_bwd");
-  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
-              "dout must match q: got ", dout.sizes(), " ", dout.scalar_type(), ", expected ",
-              q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "out must match q: got ", out.sizes(), " ", out.scalar_type(), ", expected ",
-              q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T &&
-                  lse.scalar_type() == q.scalar_type(),
-              "lse must be [B, H, T] = [", d.B, ", ", d.H, ", ", d.T, "] of dtype ",
-              q.scalar_type(), ", got ", lse.sizes(), " ", lse.scalar_type());
+  // CPU keeps lse in the input dtype (float32 or float64).
+  check_backward_inputs(dout, out, lse, q, d, q.scalar_type());
   const auto lens = host_lengths(lengths, d);
   // Raw-pointer loops read these three; q, k, v go to at::mm_out, which takes any strides.
   const Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();

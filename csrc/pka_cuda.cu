@@ -353,16 +353,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cuda_dtype(q, "pka_bwd");
-  TORCH_CHECK(dout.sizes() == q.sizes() && dout.scalar_type() == q.scalar_type(),
-              "dout must match q: got ", dout.sizes(), " ", dout.scalar_type(), ", expected ",
-              q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(out.sizes() == q.sizes() && out.scalar_type() == q.scalar_type(),
-              "out must match q: got ", out.sizes(), " ", out.scalar_type(), ", expected ",
-              q.sizes(), " ", q.scalar_type());
-  TORCH_CHECK(lse.dim() == 3 && lse.size(0) == d.B && lse.size(1) == d.H && lse.size(2) == d.T &&
-                  lse.scalar_type() == lse_dtype(q),
-              "lse must be [B, H, T] = [", d.B, ", ", d.H, ", ", d.T, "] of dtype ", lse_dtype(q),
-              ", got ", lse.sizes(), " ", lse.scalar_type());
+  check_backward_inputs(dout, out, lse, q, d, lse_dtype(q));
   TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() &&
                   lse.device() == q.device(),
               "dout, out and lse must be on q's device ", q.device(), ", got dout on ",

@@ -11,6 +11,7 @@ Environment switches:
   MAX_JOBS              parallel compile jobs (ninja)
 """
 
+import glob
 import os
 import shutil
 import sys
@@ -26,8 +27,8 @@ def _resolve_cuda_home():
     """Find the toolkit before torch.utils.cpp_extension guesses one at import time.
 
     torch derives CUDA_HOME from the nvcc on PATH by going two directories up, which yields
-    /usr/local for a /usr/local/bin/nvcc symlink and then fails to link -lcudart; following the
-    symlink first gives the real toolkit.
+    /usr/local for a /usr/local/bin/nvcc wrapper and then fails to link -lcudart; we accept only a
+    folder that holds both nvcc and libcudart.
     """
     for var in ("CUDA_HOME", "CUDA_PATH"):
         if os.environ.get(var):
@@ -38,8 +39,11 @@ def _resolve_cuda_home():
         candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
     candidates.append("/usr/local/cuda")
     for home in candidates:
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.isdir(
-            os.path.join(home, "include")
+        # A real toolkit has nvcc and the runtime library; an nvcc wrapper script in
+        # /usr/local/bin would otherwise make /usr/local look like one.
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and (
+            glob.glob(os.path.join(home, "lib64", "libcudart.so*"))
+            or glob.glob(os.path.join(home, "lib", "libcudart.so*"))
         ):
             return home
     return None

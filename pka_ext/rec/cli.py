@@ -104,7 +104,11 @@ def cmd_train(args) -> None:
     cfg = RunConfig(
         ModelConfig(model=args.model, hidden=args.hidden, num_blocks=args.blocks,
                     num_heads=args.heads, max_len=args.max_len, dropout=args.dropout,
-                    block=args.block),
+                    block=args.block, key_kernel=args.key_kernel,
+                    value_kernel=args.value_kernel, share_key_kernel=args.share_key_kernel,
+                    share_value_kernel=not args.per_layer_value_kernel,
+                    normalize_kernels=not args.no_normalize_kernels,
+                    add_positional_embedding=args.add_positional_embedding),
         TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     patience=args.patience, seed=args.seed, loss=args.loss,
                     num_negatives=args.negatives, device=args.device),
@@ -194,6 +198,15 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--heads", type=int, default=1)
     t.add_argument("--dropout", type=float, default=0.2)
     t.add_argument("--block", default="pre_ln", choices=["pre_ln", "authors"])
+    k = t.add_argument_group("psa kernels (ablations; defaults are the paper's best setting)")
+    k.add_argument("--key-kernel", default="toeplitz", choices=["toeplitz", "full"])
+    k.add_argument("--value-kernel", default="full", choices=["toeplitz", "full"])
+    k.add_argument("--share-key-kernel", action="store_true", help="one key kernel for all layers")
+    k.add_argument("--per-layer-value-kernel", action="store_true",
+                   help="one value kernel per layer instead of one shared by all layers")
+    k.add_argument("--no-normalize-kernels", action="store_true")
+    k.add_argument("--add-positional-embedding", action="store_true",
+                   help="psa plus learned absolute positional embeddings")
     t.add_argument("--batch-size", type=int, default=128)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--patience", type=int, default=5)

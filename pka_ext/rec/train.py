@@ -162,6 +162,7 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
         bar.close()
         state.train_seconds += seconds
         metric = torch.zeros(1, dtype=torch.float64)
+        t_eval = time.perf_counter()
         if rank == 0:
             val = evaluate(model, split.val, split.num_items, k=cfg.eval_k,
                            batch_size=cfg.eval_batch_size, device=device)
@@ -178,9 +179,11 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
         state.epoch = epoch
         if rank == 0:
             row = {"epoch": epoch, "loss": loss / max(positions, 1), "seconds": seconds,
+                   "eval_seconds": time.perf_counter() - t_eval,
                    "seq_per_s": len(inputs) / seconds, **{f"val_{k}": v for k, v in val.items()}}
             state.history.append(row)
             log(f"epoch {epoch:3d}  loss {row['loss']:.4f}  {row['seq_per_s']:.0f} seq/s  "
+                f"train {seconds:.1f} s  val {row['eval_seconds']:.1f} s  "
                 f"val {key} {metric:.4f}{'  *' if improved else ''}")
             if on_epoch_end is not None:
                 state.model_state = model.state_dict()

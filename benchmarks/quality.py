@@ -1,0 +1,232 @@
+"""Quality study: PSA vs SASRec / NoPE / RoPE on real data, several seeds, plus PSA ablations.
+
+Every cell is one ``pka-rec train`` command (recorded in the results); cells run as separate
+processes, ``--jobs`` at a time with one torch thread each, and a cell whose ``metrics.json`` already
+exists is not rerun, so an interrupted study resumes where it stopped.
+
+    python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
+    python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
+    python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
+    python benchmarks/quality.py report                              # -> benchmarks/results/quality.{md,json}
+
+Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
+size, learning rate per model; one head, dropout 0.3, full cross-entropy), used unchanged on every
+data set: there is no per-data-set grid, so every model gets the same budget and nothing is selected
+on test. ``--lr`` overrides the learning rate of every model (stated in the report when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import machine_info  # noqa: E402
+
+DATA = os.environ.get("PKA_DATA", os.path.join(HERE, "..", "..", "shared", "data"))
+MODELS = ("psa", "sasrec", "nope", "rope")
+
+# The paper's best Beauty configurations (Table "hyperparameters" of arXiv 2602.21052).
+PAPER = {
+    "psa": dict(blocks=2, hidden=128, batch_size=128, lr=3e-4),
+    "sasrec": dict(blocks=3, hidden=128, batch_size=256, lr=3e-4),
+    "nope": dict(blocks=2, hidden=256, batch_size=128, lr=3e-4),
+    "rope": dict(blocks=2, hidden=64, batch_size=256, lr=1e-3),
+}
+DATASETS = {
+    # name: (file, format, protocol, max_len)
+    "Beauty": ("Beauty.txt", "s3rec", "loo", 50),
+    "Toys_and_Games": ("Toys_and_Games.txt", "s3rec", "loo", 50),
+    "Yelp": ("Yelp.txt", "s3rec", "loo", 50),
+    "LastFM": ("LastFM.txt", "s3rec", "loo", 50),
+    "ml-100k": ("ml-100k/ml-100k.inter", "recbole", "temporal", 50),
+}
+TABLES = {
+    "small": (["LastFM", "ml-100k"], MODELS),
+    "amazon": (["Beauty", "Toys_and_Games", "Yelp"], MODELS),
+    "beauty": (["Beauty"], MODELS),
+}
+# Ablations of the PSA kernels: (name, extra pka-rec flags). "paper" is the best setting.
+ABLATIONS = [
+    ("paper (A_k Toeplitz per layer, A_v full shared, normalised)", []),
+    ("A_k full", ["--key-kernel", "full"]),
+    ("A_v Toeplitz", ["--value-kernel", "toeplitz"]),
+    ("A_k shared across layers", ["--share-key-kernel"]),
+    ("A_v per layer", ["--per-layer-value-kernel"]),
+    ("no normalisation", ["--no-normalize-kernels"]),
+    ("+ absolute positional embeddings", ["--add-positional-embedding"]),
+]
+ABLATION_DATASET = "ml-100k"
+
+
+def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=()) -> list[str]:
+    file, fmt, protocol, max_len = DATASETS[dataset]
+    hp = dict(PAPER[model])
+    if args.lr is not None:
+        hp["lr"] = args.lr
+    return [sys.executable, "-m", "pka_ext.rec", "train", "--data", os.path.join(DATA, file),
+            "--format", fmt, "--protocol", protocol, "--name", dataset, "--model", model,
+            "--seed", str(seed), "--max-len", str(max_len), "--hidden", str(hp["hidden"]),
+            "--blocks", str(hp["blocks"]), "--heads", "1", "--dropout", "0.3",
+            "--batch-size", str(hp["batch_size"]), "--lr", str(hp["lr"]),
+            "--epochs", str(args.epochs), "--patience", str(args.patience), "--no-progress",
+            "--out", out, *extra]
+
+
+def cells(args) -> list[dict]:
+    out = []
+    if args.table == "ablation":
+        for i, (name, extra) in enumerate(ABLATIONS):
+            for seed in args.seeds:
+                d = os.path.join(args.out, "ablation", f"v{i}", f"seed{seed}")
+                out.append(dict(table="ablation", dataset=ABLATION_DATASET, model="psa", variant=name,
+                                seed=seed, dir=d,
+                                cmd=cell_command(ABLATION_DATASET, "psa", seed, d, args, extra)))
+        return out
+    datasets, models = TABLES[args.table]
+    models = [m for m in models if m in (args.models or models)]
+    for dataset in datasets:
+        for model in models:
+            for seed in args.seeds:
+                d = os.path.join(args.out, "main", dataset, model, f"seed{seed}")
+                out.append(dict(table="main", dataset=dataset, model=model, variant=None, seed=seed,
+                                dir=d, cmd=cell_command(dataset, model, seed, d, args)))
+    return out
+
+
+def run_cell(cell: dict) -> None:
+    metrics = os.path.join(cell["dir"], "metrics.json")
+    if os.path.exists(metrics):
+        return
+    os.makedirs(cell["dir"], exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    t0 = time.perf_counter()
+    with open(os.path.join(cell["dir"], "train.log"), "w") as log:
+        rc = subprocess.call(cell["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    status = "ok" if rc == 0 else f"FAILED rc={rc}"
+    print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
+          flush=True)
+    with open(os.path.join(cell["dir"], "cell.json"), "w") as f:
+        json.dump({k: cell[k] for k in ("table", "dataset", "model", "variant", "seed")}
+                  | {"command": "pka-rec " + shlex.join(cell["cmd"][3:]).replace(DATA, "../shared/data"),
+                     "wall_seconds": time.perf_counter() - t0, "rc": rc}, f, indent=2)
+
+
+def cmd_run(args) -> None:
+    todo = cells(args)
+    print(f"{len(todo)} cells, {args.jobs} at a time", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        list(pool.map(run_cell, todo))
+
+
+def _collect(root: str) -> list[dict]:
+    rows = []
+    for dirpath, _, files in os.walk(root):
+        if "metrics.json" in files and "cell.json" in files:
+            with open(os.path.join(dirpath, "cell.json")) as f:
+                cell = json.load(f)
+            with open(os.path.join(dirpath, "metrics.json")) as f:
+                m = json.load(f)
+            ckpt = os.path.join(dirpath, "checkpoint.pt")
+            history = []
+            if os.path.exists(ckpt):
+                import torch
+
+                history = torch.load(ckpt, map_location="cpu", weights_only=False)["train_state"]["history"]
+            rows.append(cell | {"test": m["test"], "val": m["val"], "best_epoch": m["best_epoch"],
+                                "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
+                                "max_epochs": m["config"]["train"]["epochs"],
+                                "val_curve": [h["val_ndcg@10"] for h in history]})
+    return rows
+
+
+def _mean_std(xs) -> str:
+    xs = np.asarray(xs, dtype=float)
+    if len(xs) == 1:
+        return f"{xs[0]:.4f}"
+    return f"{xs.mean():.4f} ± {xs.std(ddof=1):.4f}"
+
+
+def _group(rows, key):
+    groups: dict = {}
+    for r in rows:
+        groups.setdefault(key(r), []).append(r)
+    return groups
+
+
+def _table(groups, label) -> list[str]:
+    lines = [f"| {label} | seeds | NDCG@10 | HR@10 | COV@10 | best epoch | train min |",
+             "|---|---|---|---|---|---|---|"]
+    for key, rs in groups.items():
+        capped = any(r["best_epoch"] == r["max_epochs"] for r in rs)
+        lines.append(
+            f"| {' / '.join(str(k) for k in key)} | {len(rs)} | "
+            f"{_mean_std([r['test']['ndcg@10'] for r in rs])} | {_mean_std([r['test']['hr@10'] for r in rs])} | "
+            f"{_mean_std([r['test']['cov@10'] for r in rs])} | "
+            f"{', '.join(str(r['best_epoch']) for r in rs)}{' (cap)' if capped else ''} | "
+            f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
+    return lines
+
+
+def cmd_report(args) -> None:
+    rows = _collect(args.out)
+    if not rows:
+        raise SystemExit(f"no finished cells under {args.out}")
+    os.makedirs(args.results, exist_ok=True)
+    env = machine_info() | {"torch_threads": 1}
+    main = sorted((r for r in rows if r["table"] == "main"),
+                  key=lambda r: (list(DATASETS).index(r["dataset"]), MODELS.index(r["model"]), r["seed"]))
+    abl = sorted((r for r in rows if r["table"] == "ablation"),
+                 key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
+    md = ["# Quality study: PSA vs positional baselines", "",
+          f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
+          f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
+          "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
+          "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained).", ""]
+    for dataset, rs in _group(main, lambda r: r["dataset"]).items():
+        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]})", ""]
+        md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
+    if abl:
+        md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
+        md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
+    md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
+    md += [f"- `{r['command']}`" for r in main + abl]
+    with open(os.path.join(args.results, "quality.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    with open(os.path.join(args.results, "quality.json"), "w") as f:
+        json.dump({"environment": env, "cells": main + abl}, f, indent=1)
+    print("\n".join(md))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run")
+    r.add_argument("--table", required=True, choices=sorted(TABLES) + ["ablation"])
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--epochs", type=int, default=200, help="epoch cap (early stopping ends runs sooner)")
+    r.add_argument("--patience", type=int, default=5)
+    r.add_argument("--lr", type=float, default=None, help="override every model's learning rate")
+    r.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
+    r.add_argument("--jobs", type=int, default=2)
+    r.set_defaults(fn=cmd_run)
+    s = sub.add_parser("report")
+    s.set_defaults(fn=cmd_report)
+    for q in (r, s):
+        q.add_argument("--out", default="runs/quality", help="where the cells' folders live")
+    s.add_argument("--results", default=os.path.join(HERE, "results"))
+    args = p.parse_args()
+    args.fn(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,8 +1,9 @@
 """Quality study: PSA vs SASRec / NoPE / RoPE on real data, several seeds, plus PSA ablations.
 
 Every cell is one ``pka-rec train`` command (recorded in the results); cells run as separate
-processes, ``--jobs`` at a time with one torch thread each, and a cell whose ``metrics.json`` already
-exists is not rerun, so an interrupted study resumes where it stopped.
+processes, ``--jobs`` at a time with one torch thread each. A cell is claimed (a ``claimed`` file in
+its folder) before it starts, so several runners can work on one study and a finished cell is never
+rerun; delete the claim file of a failed or interrupted cell to run it again.
 
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
@@ -104,10 +105,11 @@ def cells(args) -> list[dict]:
 
 
 def run_cell(cell: dict) -> None:
-    metrics = os.path.join(cell["dir"], "metrics.json")
-    if os.path.exists(metrics):
-        return
     os.makedirs(cell["dir"], exist_ok=True)
+    try:  # a claim file lets several runners share one study without running a cell twice
+        os.close(os.open(os.path.join(cell["dir"], "claimed"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.perf_counter()
     with open(os.path.join(cell["dir"], "train.log"), "w") as log:
@@ -177,6 +179,29 @@ def _table(groups, label) -> list[str]:
     return lines
 
 
+def _plot_curves(dataset: str, rows: list[dict], results: str) -> str:
+    """Validation NDCG@10 per epoch, one line per (model, seed): the paper's Figure 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = dict(zip(MODELS, ("tab:red", "tab:blue", "tab:gray", "tab:green")))
+    for r in rows:
+        ax.plot(range(1, len(r["val_curve"]) + 1), r["val_curve"], color=colors[r["model"]],
+                alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(f"{dataset}: validation NDCG@10 per epoch")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(results, f"quality_val_curves_{dataset}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cmd_report(args) -> None:
     rows = _collect(args.out)
     if not rows:
@@ -192,12 +217,18 @@ def cmd_report(args) -> None:
           f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
           "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
           "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained).", ""]
+    if args.summary:
+        with open(args.summary) as f:
+            md += ["## Summary", "", f.read().strip(), ""]
     for dataset, rs in _group(main, lambda r: r["dataset"]).items():
         md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
+    for dataset, rs in _group(main, lambda r: r["dataset"]).items():
+        png = _plot_curves(dataset, rs, args.results)
+        md += [f"Validation NDCG@10 per epoch on {dataset}: `{os.path.basename(png)}`", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl]
     with open(os.path.join(args.results, "quality.md"), "w") as f:
@@ -224,6 +255,7 @@ def main() -> None:
     for q in (r, s):
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")
     s.add_argument("--results", default=os.path.join(HERE, "results"))
+    s.add_argument("--summary", default=None, help="markdown file with the written conclusions")
     args = p.parse_args()
     args.fn(args)
 

@@ -1,4 +1,10 @@
-// CUDA implementation of pka_fwd / pka_bwd: the unfused baseline path.
+// CUDA entry points of pka_fwd / pka_bwd, and the unfused baseline path.
+//
+// float16 / bfloat16 / float32 with head dim 16, 32, 64 or 128 run the fused kernels of
+// pka_fused.cu. This file keeps the unfused path for the rest (float64, other head dims), for the
+// deterministic backward (torch.use_deterministic_algorithms(True): the fused backward adds the
+// kernel gradients with atomics) and, with PKA_CUDA_UNFUSED=1 in the environment, for everything
+// (benchmarks and tests compare the two).
 //
 // Every dense product goes through ATen (cuBLAS batched GEMMs); the only hand-written kernels are
 // two row-wise ones, "masked softmax rows" (forward) and "softmax backward rows" (backward), which
@@ -29,10 +35,12 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #include "pka_checks.h"
 #include "pka_dropout.h"
+#include "pka_fused.cuh"
 
 namespace pka {
 namespace {
@@ -233,6 +241,12 @@ void check_cuda_dtype(const Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": the CUDA implementation got q on ", q.device());
 }
 
+bool use_fused(const Tensor& q, const Dims& d) {
+  const char* env = std::getenv("PKA_CUDA_UNFUSED");
+  if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+  return fused_supported(q, d);
+}
+
 at::ScalarType lse_dtype(const Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -319,6 +333,7 @@ std::tuple<Tensor, Tensor> pka_fwd_cuda(const Tensor& q, const Tensor& k, const 
   check_cuda_dtype(q, "pka_fwd");
   c10::cuda::CUDAGuard device_guard(q.device());
   (void)host_lengths(lengths, d);  // range check 0 <= lengths[b] <= T on the host
+  if (use_fused(q, d)) return pka_fwd_fused(q, k, v, a_k, a_v, lengths, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);
   const RowParams params = make_params(d, pad, scale, dropout_p, seed);
 
@@ -360,6 +375,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
               dout.device(), ", out on ", out.device(), ", lse on ", lse.device());
   c10::cuda::CUDAGuard device_guard(q.device());
   (void)host_lengths(lengths, d);
+  if (use_fused(q, d) && !at::globalContext().deterministicAlgorithms())
+    return pka_bwd_fused(dout, q, k, v, a_k, a_v, lengths, lse, out, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);
   const RowParams params = make_params(d, pad, scale, dropout_p, seed);
 

@@ -177,6 +177,29 @@ def _table(groups, label) -> list[str]:
     return lines
 
 
+def _plot_curves(dataset: str, rows: list[dict], results: str) -> str:
+    """Validation NDCG@10 per epoch, one line per (model, seed): the paper's Figure 3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    colors = dict(zip(MODELS, ("tab:red", "tab:blue", "tab:gray", "tab:green")))
+    for r in rows:
+        ax.plot(range(1, len(r["val_curve"]) + 1), r["val_curve"], color=colors[r["model"]],
+                alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("validation NDCG@10")
+    ax.set_title(f"{dataset}: validation NDCG@10 per epoch")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(results, f"quality_val_curves_{dataset}.png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def cmd_report(args) -> None:
     rows = _collect(args.out)
     if not rows:
@@ -192,12 +215,18 @@ def cmd_report(args) -> None:
           f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
           "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
           "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained).", ""]
+    if args.summary:
+        with open(args.summary) as f:
+            md += ["## Summary", "", f.read().strip(), ""]
     for dataset, rs in _group(main, lambda r: r["dataset"]).items():
         md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
+    for dataset, rs in _group(main, lambda r: r["dataset"]).items():
+        png = _plot_curves(dataset, rs, args.results)
+        md += [f"Validation NDCG@10 per epoch on {dataset}: `{os.path.basename(png)}`", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl]
     with open(os.path.join(args.results, "quality.md"), "w") as f:
@@ -224,6 +253,7 @@ def main() -> None:
     for q in (r, s):
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")
     s.add_argument("--results", default=os.path.join(HERE, "results"))
+    s.add_argument("--summary", default=None, help="markdown file with the written conclusions")
     args = p.parse_args()
     args.fn(args)
 

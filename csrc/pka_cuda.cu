@@ -41,6 +41,7 @@
 #include "pka_checks.h"
 #include "pka_dropout.h"
 #include "pka_fused.cuh"
+#include "pka_mixing.h"
 
 namespace pka {
 namespace {
@@ -281,33 +282,6 @@ Tensor zero_padded(const Tensor& x, const Padding& pad) {
 // Sets the padded rows of x (contiguous, [B, H, T, D]) to 0 in place.
 void zero_padded_(Tensor& x, const Padding& pad) {
   if (pad.padded.defined()) x.masked_fill_(pad.padded, 0);
-}
-
-// Time-major layout for the mixing products. For a kernel with Hk heads (1: shared, H: per head)
-// x [B, H, T, D] becomes [Hk, T, N] with N = B*H*D (Hk = 1) or B*D (Hk = H), so that one batched
-// GEMM with [Hk, T, T] mixes every (batch, head) at once without expanding the kernel over B.
-Tensor time_major(const Tensor& x, const Dims& d, int64_t Hk) {
-  if (Hk == 1) return x.permute({2, 0, 1, 3}).reshape({1, d.T, d.B * d.H * d.D});
-  return x.permute({1, 2, 0, 3}).reshape({d.H, d.T, d.B * d.D});
-}
-
-// Inverse of time_major for a contiguous [Hk, T, N]; returns a contiguous [B, H, T, D].
-Tensor from_time_major(const Tensor& y, const Dims& d, int64_t Hk) {
-  if (Hk == 1) return y.view({d.T, d.B, d.H, d.D}).permute({1, 2, 0, 3}).contiguous();
-  return y.view({d.H, d.T, d.B, d.D}).permute({2, 0, 1, 3}).contiguous();
-}
-
-// A x per (batch, head) with A = tril_heads(a) of shape [Hk, T, T] (use A^T for the transpose).
-Tensor mix(const Tensor& A, const Tensor& x, const Dims& d) {
-  const int64_t Hk = A.size(0);
-  return from_time_major(at::bmm(A, time_major(x, d, Hk)), d, Hk);
-}
-
-// tril(sum over batch, and over heads when Hk = 1, of g x^T), in the shape of `a`.
-Tensor kernel_grad(const Tensor& g, const Tensor& x, const Tensor& a, const Dims& d,
-                   int64_t Hk) {
-  Tensor da = at::bmm(time_major(g, d, Hk), time_major(x, d, Hk).transpose(1, 2));  // [Hk, T, T]
-  return da.tril_().view(a.sizes());
 }
 
 RowParams make_params(const Dims& d, const Padding& pad, double scale, double dropout_p,

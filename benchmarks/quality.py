@@ -1,8 +1,9 @@
 """Quality study: PSA vs SASRec / NoPE / RoPE on real data, several seeds, plus PSA ablations.
 
 Every cell is one ``pka-rec train`` command (recorded in the results); cells run as separate
-processes, ``--jobs`` at a time with one torch thread each, and a cell whose ``metrics.json`` already
-exists is not rerun, so an interrupted study resumes where it stopped.
+processes, ``--jobs`` at a time with one torch thread each. A cell is claimed (a ``claimed`` file in
+its folder) before it starts, so several runners can work on one study and a finished cell is never
+rerun; delete the claim file of a failed or interrupted cell to run it again.
 
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
@@ -104,10 +105,11 @@ def cells(args) -> list[dict]:
 
 
 def run_cell(cell: dict) -> None:
-    metrics = os.path.join(cell["dir"], "metrics.json")
-    if os.path.exists(metrics):
-        return
     os.makedirs(cell["dir"], exist_ok=True)
+    try:  # a claim file lets several runners share one study without running a cell twice
+        os.close(os.open(os.path.join(cell["dir"], "claimed"), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
     t0 = time.perf_counter()
     with open(os.path.join(cell["dir"], "train.log"), "w") as log:

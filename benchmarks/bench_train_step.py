@@ -33,6 +33,7 @@ def main():
     ap.add_argument("--items", type=int, default=12101)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -54,7 +55,8 @@ def main():
         opt = make_optimizer(model, cfg)
 
         def step():
-            loss = next_item_loss(model, x, y, cfg, args.items) / (y != 0).sum()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+                loss = next_item_loss(model, x, y, cfg, args.items) / (y != 0).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -71,7 +73,7 @@ def main():
         f"Machine: {describe(info)}.",
         f"Command: `python benchmarks/bench_train_step.py` (B={B}, T={T}, D={args.hidden}, "
         f"{args.blocks} blocks, 1 head, {args.items} items, full-catalogue CE + Adam, "
-        f"device {args.device}, median of {args.repeats} steps).",
+        f"device {args.device}{', bf16 autocast' if args.amp else ''}, median of {args.repeats} steps).",
         "",
         "| model | ms / step | vs sasrec |",
         "|---|---|---|",
@@ -79,7 +81,7 @@ def main():
         "",
         f"psa / sasrec step-time ratio: **{ratio:.2f}** (target <= 1.10).",
     ]
-    write_results(f"train_step_{args.device.split(':')[0]}",
+    write_results(f"train_step_{args.device.split(':')[0]}{'_amp' if args.amp else ''}",
                   {"machine": info, "args": vars(args), "ms_per_step": rows, "psa_over_sasrec": ratio},
                   "\n".join(md) + "\n", args.out)
     print("\n".join(md))

@@ -1,4 +1,10 @@
-// CUDA implementation of pka_fwd / pka_bwd: the unfused baseline path.
+// CUDA entry points of pka_fwd / pka_bwd, and the unfused baseline path.
+//
+// float16 / bfloat16 / float32 with head dim 16, 32, 64 or 128 run the fused kernels of
+// pka_fused.cu. This file keeps the unfused path for the rest (float64, other head dims), for the
+// deterministic backward (torch.use_deterministic_algorithms(True): the fused backward adds the
+// kernel gradients with atomics) and, with PKA_CUDA_UNFUSED=1 in the environment, for everything
+// (benchmarks and tests compare the two).
 //
 // Every dense product goes through ATen (cuBLAS batched GEMMs); the only hand-written kernels are
 // two row-wise ones, "masked softmax rows" (forward) and "softmax backward rows" (backward), which
@@ -29,10 +35,13 @@
 #include <torch/types.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <limits>
 
 #include "pka_checks.h"
 #include "pka_dropout.h"
+#include "pka_fused.cuh"
+#include "pka_mixing.h"
 
 namespace pka {
 namespace {
@@ -233,6 +242,12 @@ void check_cuda_dtype(const Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": the CUDA implementation got q on ", q.device());
 }
 
+bool use_fused(const Tensor& q, const Dims& d) {
+  const char* env = std::getenv("PKA_CUDA_UNFUSED");
+  if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+  return fused_supported(q, d);
+}
+
 at::ScalarType lse_dtype(const Tensor& q) {
   return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -269,33 +284,6 @@ void zero_padded_(Tensor& x, const Padding& pad) {
   if (pad.padded.defined()) x.masked_fill_(pad.padded, 0);
 }
 
-// Time-major layout for the mixing products. For a kernel with Hk heads (1: shared, H: per head)
-// x [B, H, T, D] becomes [Hk, T, N] with N = B*H*D (Hk = 1) or B*D (Hk = H), so that one batched
-// GEMM with [Hk, T, T] mixes every (batch, head) at once without expanding the kernel over B.
-Tensor time_major(const Tensor& x, const Dims& d, int64_t Hk) {
-  if (Hk == 1) return x.permute({2, 0, 1, 3}).reshape({1, d.T, d.B * d.H * d.D});
-  return x.permute({1, 2, 0, 3}).reshape({d.H, d.T, d.B * d.D});
-}
-
-// Inverse of time_major for a contiguous [Hk, T, N]; returns a contiguous [B, H, T, D].
-Tensor from_time_major(const Tensor& y, const Dims& d, int64_t Hk) {
-  if (Hk == 1) return y.view({d.T, d.B, d.H, d.D}).permute({1, 2, 0, 3}).contiguous();
-  return y.view({d.H, d.T, d.B, d.D}).permute({2, 0, 1, 3}).contiguous();
-}
-
-// A x per (batch, head) with A = tril_heads(a) of shape [Hk, T, T] (use A^T for the transpose).
-Tensor mix(const Tensor& A, const Tensor& x, const Dims& d) {
-  const int64_t Hk = A.size(0);
-  return from_time_major(at::bmm(A, time_major(x, d, Hk)), d, Hk);
-}
-
-// tril(sum over batch, and over heads when Hk = 1, of g x^T), in the shape of `a`.
-Tensor kernel_grad(const Tensor& g, const Tensor& x, const Tensor& a, const Dims& d,
-                   int64_t Hk) {
-  Tensor da = at::bmm(time_major(g, d, Hk), time_major(x, d, Hk).transpose(1, 2));  // [Hk, T, T]
-  return da.tril_().view(a.sizes());
-}
-
 RowParams make_params(const Dims& d, const Padding& pad, double scale, double dropout_p,
                       const std::optional<Tensor>& seed) {
   RowParams p;
@@ -319,6 +307,7 @@ std::tuple<Tensor, Tensor> pka_fwd_cuda(const Tensor& q, const Tensor& k, const 
   check_cuda_dtype(q, "pka_fwd");
   c10::cuda::CUDAGuard device_guard(q.device());
   (void)host_lengths(lengths, d);  // range check 0 <= lengths[b] <= T on the host
+  if (use_fused(q, d)) return pka_fwd_fused(q, k, v, a_k, a_v, lengths, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);
   const RowParams params = make_params(d, pad, scale, dropout_p, seed);
 
@@ -360,6 +349,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
               dout.device(), ", out on ", out.device(), ", lse on ", lse.device());
   c10::cuda::CUDAGuard device_guard(q.device());
   (void)host_lengths(lengths, d);
+  if (use_fused(q, d) && !at::globalContext().deterministicAlgorithms())
+    return pka_bwd_fused(dout, q, k, v, a_k, a_v, lengths, lse, out, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);
   const RowParams params = make_params(d, pad, scale, dropout_p, seed);
 

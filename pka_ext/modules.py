@@ -35,6 +35,9 @@ def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
             "a CUDA toolkit (CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .), or "
             "use backend='reference'."
         )
+    # Under autocast q, k, v come out of the projections in the low dtype while the kernels stay
+    # float32 parameters; the op wants one dtype, and the kernels are small.
+    a_k, a_v = a_k.to(q.dtype), a_v.to(q.dtype)
     return pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p)
 
 

@@ -1,0 +1,163 @@
+"""GPU benchmark of the op: fused kernels vs the unfused CUDA path vs the PyTorch composition.
+
+    python benchmarks/bench_gpu.py [--repeats 50] [--out DIR]
+
+For each shape (the issue's headline B=256, H=2, T=200, d=64, bf16, lengths uniform in [1, T], plus
+T in {50, 128, 512, 1024} and d in {32, 128}) it times, with CUDA events, after warm-up, with the L2
+cache flushed before every run, the median of --repeats runs of
+  - forward (no autograd) and forward + backward (autograd, out.backward(dout));
+  - ``fused``: pka_ext.pka_attention; ``unfused``: the same with PKA_CUDA_UNFUSED=1;
+    ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask.
+The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
+q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
+device-to-device copy bandwidth measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from attention_impls import composition, make_inputs  # noqa: E402
+from common import describe, machine_info, write_results  # noqa: E402
+
+import pka_ext  # noqa: E402
+
+HEADLINE = dict(B=256, H=2, T=200, d=64)
+SHAPES = [HEADLINE] + [dict(HEADLINE, T=t) for t in (50, 128, 512, 1024)] + \
+         [dict(HEADLINE, d=d) for d in (32, 128)]
+
+
+class Timer:
+    def __init__(self, repeats: int, warmup: int = 5):
+        self.repeats, self.warmup = repeats, warmup
+        self.flush_buf = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")  # > L2 (50-60 MB)
+
+    def __call__(self, fn) -> float:
+        """Median milliseconds of fn(), L2 flushed before each run."""
+        for _ in range(self.warmup):
+            fn()
+        times = []
+        for _ in range(self.repeats):
+            self.flush_buf.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+def copy_bandwidth(timer: Timer) -> float:
+    """Bytes per second of a 1 GiB device-to-device copy (read + write counted)."""
+    src = torch.empty(2**30, dtype=torch.int8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = timer(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms * 1e-3)
+
+
+def floor_bytes(B, H, T, d, elem) -> tuple[int, int]:
+    n = B * H * T * d * elem
+    lse = B * H * T * 4
+    kernels = 2 * T * T * elem
+    fwd = 3 * n + kernels + n + lse
+    bwd = 5 * n + lse + kernels + 3 * n + kernels
+    return fwd, fwd + bwd
+
+
+def with_env(value: str | None, fn):
+    def run():
+        old = os.environ.get("PKA_CUDA_UNFUSED")
+        if value is None:
+            os.environ.pop("PKA_CUDA_UNFUSED", None)
+        else:
+            os.environ["PKA_CUDA_UNFUSED"] = value
+        try:
+            return fn()
+        finally:
+            if old is None:
+                os.environ.pop("PKA_CUDA_UNFUSED", None)
+            else:
+                os.environ["PKA_CUDA_UNFUSED"] = old
+    return run
+
+
+def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
+    B, H, T, d = shape["B"], shape["H"], shape["T"], shape["d"]
+    q, k, v, a_k, a_v, lengths = make_inputs(B, H, T, d, dtype=dtype, device="cuda")
+    dout = torch.randn_like(q)
+    impls = {
+        "fused": with_env(None, lambda: pka_ext.pka_attention(q, k, v, a_k, a_v, lengths)),
+        "unfused": with_env("1", lambda: pka_ext.pka_attention(q, k, v, a_k, a_v, lengths)),
+        "composition": lambda: composition(q, k, v, a_k, a_v, lengths),
+    }
+    row = dict(shape, dtype=str(dtype).replace("torch.", ""))
+    for name, fn in impls.items():
+        with torch.no_grad():
+            row[f"fwd_ms_{name}"] = timer(fn)
+
+        def fwd_bwd(fn=fn):
+            out = fn()
+            torch.autograd.backward(out, dout)
+            for t in (q, k, v, a_k, a_v):
+                t.grad = None
+
+        row[f"fwdbwd_ms_{name}"] = timer(fwd_bwd)
+    fwd_b, total_b = floor_bytes(B, H, T, d, q.element_size())
+    row["fwd_floor_ms"] = fwd_b / bw * 1e3
+    row["fwdbwd_floor_ms"] = total_b / bw * 1e3
+    return row
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=50)
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_gpu.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    dtype = getattr(torch, args.dtype)
+    timer = Timer(args.repeats)
+    bw = copy_bandwidth(timer)
+    print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for shape in SHAPES:
+        rows.append(bench_shape(shape, dtype, timer, bw))
+        r = rows[-1]
+        print(f"{shape}: fwd fused {r['fwd_ms_fused']:.3f} ms, composition {r['fwd_ms_composition']:.3f}"
+              f" ms; fwd+bwd fused {r['fwdbwd_ms_fused']:.3f}, composition "
+              f"{r['fwdbwd_ms_composition']:.3f}", flush=True)
+    info = machine_info()
+    md = ["# GPU op benchmark", "",
+          f"Machine: {describe(info)}. Command: `python benchmarks/bench_gpu.py --dtype {args.dtype}` "
+          f"(CUDA events, L2 flushed before each run, median of {args.repeats} after warm-up; lengths "
+          f"uniform in [1, T]). Copy bandwidth measured in the same run: {bw / 1e9:.0f} GB/s.", "",
+          "| B | H | T | d | fwd fused ms | fwd unfused ms | fwd composition ms | fwd speed-up vs composition "
+          "| fwd / HBM floor | fwd+bwd fused ms | fwd+bwd unfused ms | fwd+bwd composition ms "
+          "| fwd+bwd speed-up | fwd+bwd / HBM floor |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        md.append(
+            f"| {r['B']} | {r['H']} | {r['T']} | {r['d']} | {r['fwd_ms_fused']:.3f} | "
+            f"{r['fwd_ms_unfused']:.3f} | {r['fwd_ms_composition']:.3f} | "
+            f"{r['fwd_ms_composition'] / r['fwd_ms_fused']:.2f}x | {r['fwd_ms_fused'] / r['fwd_floor_ms']:.2f}x | "
+            f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
+            f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
+            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
+    md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "
+           "fwd+bwd >= 1.8x vs composition and <= 1.5x the HBM floor."]
+    write_results(f"gpu_op_{args.dtype}", {"machine": info, "copy_bandwidth_Bps": bw, "rows": rows},
+                  "\n".join(md) + "\n", args.out)
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""A small forward + backward of every fused-kernel variant, for compute-sanitizer.
+
+    compute-sanitizer --tool memcheck  python benchmarks/sanitize_case.py
+    compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py --small
+
+Covers float32 / bfloat16 / float16, head dims 16 and 64 (128 without --small), shared and
+per-head kernels, dropout, empty and full sequences, and a long sequence whose block buffers do not
+fit in shared memory (the global-workspace path).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import pka_ext
+
+
+def case(B, H, T, d, dtype, per_head, lengths, dropout_p):
+    g = torch.Generator().manual_seed(T + d)
+    q, k, v = (torch.randn(B, H, T, d, generator=g).to("cuda", dtype).requires_grad_() for _ in range(3))
+    shape = (H, T, T) if per_head else (T, T)
+    a_k, a_v = (torch.randn(*shape, generator=g).div(T**0.5).to("cuda", dtype).requires_grad_()
+                for _ in range(2))
+    lens = torch.tensor(lengths, device="cuda")
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens, dropout_p=dropout_p,
+                                seed=3 if dropout_p else None)
+    out.backward(torch.randn_like(out))
+    torch.cuda.synchronize()
+    assert torch.isfinite(out).all() and all(torch.isfinite(t.grad).all() for t in (q, k, v, a_k, a_v))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--small", action="store_true", help="fewer, smaller cases (racecheck is slow)")
+    args = ap.parse_args()
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    dims = (16, 64) if args.small else (16, 64, 128)
+    for dtype in dtypes:
+        for d in dims:
+            case(3, 2, 37, d, dtype, per_head=d == 16, lengths=[37, 0, 20], dropout_p=0.2)
+    # Long enough that the block buffers go to the global workspace.
+    case(1, 1, 40 if args.small else 900, 64, torch.bfloat16, False, [40 if args.small else 850], 0.1)
+    if not args.small:
+        case(1, 1, 900, 128, torch.float32, True, [900], 0.0)
+    print("sanitize cases ran")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,133 @@
+"""Collects the speed results into benchmarks/results/speed.md and draws its charts.
+
+    python benchmarks/speed_report.py
+
+Reads the JSON written by the benchmark scripts (each table below names its command), so every
+number here was measured by a command in this repository; a missing file is reported as not run.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import describe  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+IMPLS = ("pka", "composition", "reference")
+
+
+def _load(name):
+    path = os.path.join(RESULTS, f"{name}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def cpu_op_section(sweep) -> list[str]:
+    md = ["## CPU op: forward, backward, forward + backward", "",
+          f"Machine: {describe(sweep['machine'])}. Command: `python benchmarks/bench_cpu_op.py --sweep` "
+          "(fp32, B=64, H=2, lengths uniform in [1, T], median of repeated runs; peak memory = growth of "
+          "peak RSS during one fwd+bwd in a fresh process). Full table: `cpu_op_sweep.md`.", "",
+          "| T | d | pka fwd / bwd / fwd+bwd ms | composition fwd+bwd ms | python_ref fwd+bwd ms "
+          "| speed-up vs composition | vs python_ref | peak MiB pka / composition / python_ref |",
+          "|---|---|---|---|---|---|---|---|"]
+    for r in sweep["rows"]:
+        p, c, ref = r["pka"], r["composition"], r["reference"]
+        mem = " / ".join(f"{x.get('peak_mib', float('nan')):.0f}" for x in (p, c, ref))
+        md.append(f"| {r['T']} | {r['d']} | {p['fwd_ms']:.2f} / {p['bwd_ms']:.2f} / {p['fwd_bwd_ms']:.2f} | "
+                  f"{c['fwd_bwd_ms']:.2f} | {ref['fwd_bwd_ms']:.2f} | "
+                  f"{c['fwd_bwd_ms'] / p['fwd_bwd_ms']:.2f}x | {ref['fwd_bwd_ms'] / p['fwd_bwd_ms']:.2f}x | {mem} |")
+    plt = _pyplot()
+    ds = sorted({r["d"] for r in sweep["rows"]})
+    fig, axes = plt.subplots(1, len(ds), figsize=(5.2 * len(ds), 3.8), squeeze=False)
+    for ax, d in zip(axes[0], ds):
+        rows = sorted((r for r in sweep["rows"] if r["d"] == d), key=lambda r: r["T"])
+        for impl in IMPLS:
+            ax.plot([r["T"] for r in rows], [r[impl]["fwd_bwd_ms"] for r in rows], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("T")
+        ax.set_ylabel("fwd + bwd ms")
+        ax.set_title(f"CPU op, fp32, B=64, H=2, d={d}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "speed_cpu_time_vs_T.png"), dpi=110)
+    plt.close(fig)
+    md += ["", "![CPU op time vs T](speed_cpu_time_vs_T.png)", ""]
+    return md
+
+
+def train_section(step, epoch) -> list[str]:
+    md = ["## Training: step and epoch time, PSA vs baselines (CPU)", ""]
+    if step:
+        a = step["args"]
+        md += [f"One training step (`python benchmarks/bench_train_step.py --repeats {a['repeats']}`; "
+               f"B={a['batch']}, T={a['max_len']}, D={a['hidden']}, {a['blocks']} blocks, {a['items']} "
+               f"items, full CE + Adam). Machine: {describe(step['machine'])}.", "",
+               "| model | ms / step | vs sasrec |", "|---|---|---|"]
+        base = step["ms_per_step"]["sasrec"]
+        md += [f"| {m} | {t:.1f} | {t / base:.2f}x |" for m, t in step["ms_per_step"].items()]
+        plt = _pyplot()
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        names = list(step["ms_per_step"])
+        ax.bar(names, [step["ms_per_step"][n] for n in names], color="tab:blue")
+        ax.set_ylabel("ms / training step")
+        ax.set_title(f"CPU training step, B={a['batch']}, T={a['max_len']}, D={a['hidden']}")
+        fig.tight_layout()
+        fig.savefig(os.path.join(RESULTS, "speed_train_step_cpu.png"), dpi=110)
+        plt.close(fig)
+        md += ["", "![training step](speed_train_step_cpu.png)", ""]
+    else:
+        md += ["Training step: not run (`python benchmarks/bench_train_step.py`).", ""]
+    if epoch:
+        md += [f"Epochs on {epoch['data']} (`python benchmarks/bench_epoch.py`). Machine: "
+               f"{describe(epoch['machine'])}.", "",
+               "| model | epoch | train s | validation s |", "|---|---|---|---|"]
+        for m, hist in epoch["epochs"].items():
+            md += [f"| {m} | {h['epoch']} | {h['train_s']:.1f} | {h['val_s']:.1f} |" for h in hist]
+        md.append("")
+    else:
+        md += ["Epoch time: not run (`python benchmarks/bench_epoch.py`).", ""]
+    return md
+
+
+def gpu_section() -> list[str]:
+    md = ["## GPU", ""]
+    files = sorted(glob.glob(os.path.join(RESULTS, "gpu_op_*.md")) +
+                   glob.glob(os.path.join(RESULTS, "train_step_cuda*.md")))
+    if not files:
+        return md + ["No GPU results yet: no GPU run of `bash benchmarks/gpu_check.sh` has been recorded "
+                     "(see the README's status section).", ""]
+    for path in files:
+        with open(path) as f:
+            md += [f.read().replace("# ", "### ", 1), ""]
+    return md
+
+
+def main():
+    sweep, step, epoch = _load("cpu_op_sweep"), _load("train_step_cpu"), _load("epoch_cpu")
+    md = ["# Speed study", ""]
+    md += cpu_op_section(sweep) if sweep else ["CPU op sweep: not run.", ""]
+    md += train_section(step, epoch)
+    md += gpu_section()
+    with open(os.path.join(RESULTS, "speed.md"), "w") as f:
+        f.write("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,234 @@
+// Fused CUDA kernels for pka_fwd / pka_bwd: one thread block per (batch, head) sequence.
+//
+// A block owns the L = lengths[b] valid rows of its sequence (rows s = T - L ... T-1) and works in
+// 16-row tiles (local row r <-> absolute position s + r; the last tile is zero-padded to Lp, a
+// multiple of 16). It mixes K = tril(A_k) k and V = tril(A_v) v into block-private buffers with
+// tensor-core tile products, then runs causal attention over them, so neither the mixed keys and
+// values nor any T x T score matrix ever goes through global memory as a [B, H, ...] tensor.
+// The block-private buffers live in shared memory when they fit (T up to a few hundred) and
+// otherwise in a per-block slice of a global workspace (same code: generic pointers), which keeps
+// every T working at the price of L2/HBM traffic for long sequences.
+//
+// Forward: per 16-query tile, one warp streams the visible keys in chunks of 64 with an online
+//   softmax (running max m, running sum l of the un-dropped probabilities); dropout multiplies the
+//   probabilities by keep / (1 - p) before they meet V, and the row is divided by l at the end,
+//   exactly the CPU op's dropout(softmax(.)) V. lse = m + log(l) is written in fp32.
+// Backward: pass 1 gives every warp whole key tiles (dK_mixed, dV_mixed summed over query tiles
+//   without atomics); pass 2 gives it query tiles (dq); then dk = tril(A_k)^T dK_mixed,
+//   dv = tril(A_v)^T dV_mixed, and the kernel gradients dA[s+i, s+j] += dK_mixed[i] . k[j] (j <= i)
+//   go into an fp32 [Hk, T, T] accumulator with atomicAdd: the order of those additions varies
+//   from run to run, so da_k / da_v are not bitwise deterministic. pka_cuda.cu routes the backward
+//   to the deterministic unfused path under torch.use_deterministic_algorithms(True).
+//
+// float16 / bfloat16 products run on tensor cores (WMMA 16x16x16, fp32 accumulation); float32
+// runs the same tile algorithm on CUDA cores, because TF32 would miss the op's fp32 accuracy.
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <limits>
+
+#include "pka_fused.cuh"
+#include "pka_fused_kernels.cuh"
+
+namespace pka {
+namespace {
+
+using at::Tensor;
+using namespace fused;
+
+// The fused kernels' dtypes: float32, float16, bfloat16 (float64 stays on the unfused path).
+#define PKA_DISPATCH_FUSED(TYPE, NAME, ...)                          \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) \
+                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+// ---------------------------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------------------------
+
+template <typename S>
+struct Native {
+  using type = S;
+};
+template <>
+struct Native<at::Half> {
+  using type = __half;
+};
+template <>
+struct Native<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+size_t smem_limit(const Tensor& q) {
+  int value = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        q.device().index()));
+  return static_cast<size_t>(value);
+}
+
+int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
+
+// Calls f.template operator()<D>() for the head dim, one of those the kernels are built for.
+template <typename F>
+void with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 16: return f(std::integral_constant<int, 16>{});
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: TORCH_CHECK(false, "pka fused CUDA kernels: head dim ", D, " is not 16, 32, 64 or 128");
+  }
+}
+
+template <typename T>
+Params<T> base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
+                      const Tensor& av, const Tensor& lengths_dev, const Dims& d, double scale,
+                      double dropout_p, const std::optional<Tensor>& seed) {
+  Params<T> p{};
+  p.q = reinterpret_cast<const T*>(q.data_ptr());
+  p.k = reinterpret_cast<const T*>(k.data_ptr());
+  p.v = reinterpret_cast<const T*>(v.data_ptr());
+  p.ak = reinterpret_cast<const T*>(ak.data_ptr());
+  p.av = reinterpret_cast<const T*>(av.data_ptr());
+  p.lengths = lengths_dev.defined() ? lengths_dev.data_ptr<int64_t>() : nullptr;
+  p.H = static_cast<int>(d.H);
+  p.T = static_cast<int>(d.T);
+  p.Tp = padded_T(d);
+  p.Hk = static_cast<int>(d.Hk);
+  p.Hv = static_cast<int>(d.Hv);
+  p.scale = static_cast<float>(scale);
+  p.dropout = dropout_p > 0.0;
+  p.keep_scale = dropout_p > 0.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  p.seed = seed_value(seed);
+  p.threshold = dropout_threshold(dropout_p);
+  return p;
+}
+
+Tensor device_lengths(const std::optional<Tensor>& lengths, const Tensor& q) {
+  return lengths.has_value() ? lengths->to(q.device(), at::kLong).contiguous() : Tensor();
+}
+
+unsigned grid_of(const Dims& d) {
+  const int64_t n = d.B * d.H;
+  TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "pka fused CUDA kernels: B * H = ", n,
+              " exceeds the grid limit");
+  return static_cast<unsigned>(n);
+}
+
+}  // namespace
+
+bool fused_supported(const Tensor& q, const Dims& d) {
+  const auto t = q.scalar_type();
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  if (major < 8) return false;
+  if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) return false;
+  if (d.D != 16 && d.D != 32 && d.D != 64 && d.D != 128) return false;
+  if (d.T > (1 << 20)) return false;
+  // The per-row arrays of the backward grow with T; beyond the device's shared memory, the
+  // unfused path takes over.
+  const size_t limit = smem_limit(q);
+  bool fits = true;
+  PKA_DISPATCH_FUSED(t, "pka_fused_supported", [&] {
+    using T = typename Native<scalar_t>::type;
+    with_head_dim(d.D, [&](auto D) {
+      using SM = Smem<T, decltype(D)::value>;
+      fits = SM::fwd(padded_T(d), false) <= limit && SM::bwd(padded_T(d), false) <= limit;
+    });
+  });
+  return fits;
+}
+
+std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                         const Tensor& a_k, const Tensor& a_v,
+                                         const std::optional<Tensor>& lengths, const Dims& d,
+                                         double scale, double dropout_p,
+                                         const std::optional<Tensor>& seed) {
+  c10::cuda::CUDAGuard device_guard(q_.device());
+  const Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
+  const Tensor len = device_lengths(lengths, q);
+  Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
+  Tensor lse = at::empty({d.B, d.H, d.T}, q.options().dtype(at::kFloat));
+  Tensor work;
+  const size_t limit = smem_limit(q);
+  const unsigned grid = grid_of(d);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  PKA_DISPATCH_FUSED(q.scalar_type(), "pka_fwd_fused", [&] {
+    using T = typename Native<scalar_t>::type;
+    with_head_dim(d.D, [&](auto Dc) {
+      constexpr int D = decltype(Dc)::value;
+      using SM = Smem<T, D>;
+      Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
+      p.out = reinterpret_cast<T*>(out.data_ptr());
+      p.lse_out = lse.data_ptr<float>();
+      const bool in_smem = SM::fwd(p.Tp, true) <= limit;
+      if (!in_smem) {
+        work = at::empty({d.B * d.H * kFwdBuffers * p.Tp * D}, q.options());
+        p.work = reinterpret_cast<T*>(work.data_ptr());
+      }
+      const size_t smem = SM::fwd(p.Tp, in_smem);
+      if (grid == 0) return;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(pka_fwd_kernel<T, D>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+      pka_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
+    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& a_k,
+    const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& lse_,
+    const Tensor& out_, const Dims& d, double scale, double dropout_p,
+    const std::optional<Tensor>& seed) {
+  c10::cuda::CUDAGuard device_guard(q_.device());
+  const Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
+  const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
+  const Tensor len = device_lengths(lengths, q);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor dak = at::zeros({d.Hk, d.T, d.T}, f32), dav = at::zeros({d.Hv, d.T, d.T}, f32);
+  Tensor work;
+  const size_t limit = smem_limit(q);
+  const unsigned grid = grid_of(d);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  PKA_DISPATCH_FUSED(q.scalar_type(), "pka_bwd_fused", [&] {
+    using T = typename Native<scalar_t>::type;
+    with_head_dim(d.D, [&](auto Dc) {
+      constexpr int D = decltype(Dc)::value;
+      using SM = Smem<T, D>;
+      Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
+      p.dout = reinterpret_cast<const T*>(dout.data_ptr());
+      p.o = reinterpret_cast<const T*>(out.data_ptr());
+      p.lse = lse.data_ptr<float>();
+      p.dq = reinterpret_cast<T*>(dq.data_ptr());
+      p.dk = reinterpret_cast<T*>(dk.data_ptr());
+      p.dv = reinterpret_cast<T*>(dv.data_ptr());
+      p.dak = dak.data_ptr<float>();
+      p.dav = dav.data_ptr<float>();
+      const bool in_smem = SM::bwd(p.Tp, true) <= limit;
+      if (!in_smem) {
+        work = at::empty({d.B * d.H * kBwdBuffers * p.Tp * D}, q.options());
+        p.work = reinterpret_cast<T*>(work.data_ptr());
+      }
+      const size_t smem = SM::bwd(p.Tp, in_smem);
+      if (grid == 0) return;
+      C10_CUDA_CHECK(cudaFuncSetAttribute(pka_bwd_kernel<T, D>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          static_cast<int>(smem)));
+      pka_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+  Tensor da_k = dak.to(q.scalar_type()).view(a_k.sizes());
+  Tensor da_v = dav.to(q.scalar_type()).view(a_v.sizes());
+  return {dq, dk, dv, da_k, da_v};
+}
+
+}  // namespace pka

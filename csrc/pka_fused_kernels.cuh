@@ -1,0 +1,574 @@
+// Device code of the fused kernels, included by pka_fused.cu (nvcc) and, for the float32
+// instantiation only, by the CPU emulation in tests/cuda_emu (plain C++ with a thread-per-lane
+// model of a block), which checks the indexing, masking, tiling and synchronisation logic on
+// machines without a GPU. See pka_fused.cu for the algorithm.
+#pragma once
+
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
+#define PKA_DYNAMIC_SMEM(name) extern __shared__ __align__(128) unsigned char name[]
+#endif
+
+#include "pka_dropout.h"
+
+namespace pka {
+namespace fused {
+
+#ifdef __CUDACC__
+namespace wmma = nvcuda::wmma;
+#endif
+
+
+
+constexpr int kWarps = 4;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kChunk = 64;  // keys per online-softmax step in the forward
+constexpr unsigned kFull = 0xffffffffu;
+
+// bfloat16 WMMA needs sm_80; older targets compile a body that traps (fused_supported() keeps
+// them on the unfused path at run time).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define PKA_FUSED_ARCH_OK 0
+#else
+#define PKA_FUSED_ARCH_OK 1
+#endif
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+#ifdef __CUDACC__
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+#endif
+template <typename T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) { return x; }
+#ifdef __CUDACC__
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+#endif
+
+// One warp's 16x16x16 tile product C += op(A) op(B), fp32 accumulation. A is read at `a` with
+// leading dimension lda, row-major, or as its transpose when AT (element (m, k) at a[k * lda + m]);
+// likewise B with BT. Pointers must be 32-byte aligned and leading dimensions multiples of 8
+// (WMMA's rules); every caller indexes whole 16-element tiles of buffers laid out that way.
+template <typename T>
+struct Mma;
+
+#ifdef __CUDACC__
+template <typename T>
+struct Mma {
+  using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+  __device__ static void zero(Acc& c) { wmma::fill_fragment(c, 0.f); }
+  __device__ static void load(Acc& c, const float* p, int ld) {
+    wmma::load_matrix_sync(c, p, ld, wmma::mem_row_major);
+  }
+  __device__ static void store(float* p, int ld, const Acc& c) {
+    wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
+  }
+  template <bool AT, bool BT>
+  __device__ static void mma(Acc& c, const T* a, int lda, const T* b, int ldb) {
+    using LA = std::conditional_t<AT, wmma::col_major, wmma::row_major>;
+    using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
+    wmma::load_matrix_sync(fa, a, lda);
+    wmma::load_matrix_sync(fb, b, ldb);
+    wmma::mma_sync(c, fa, fb, c);
+  }
+};
+#endif
+
+// float32: the same interface on CUDA cores; lane l owns row l / 2, columns 8 (l % 2) ... + 7.
+template <>
+struct Mma<float> {
+  struct Acc {
+    float x[8];
+  };
+  __device__ static int row() { return (threadIdx.x & 31) >> 1; }
+  __device__ static int col0() { return (threadIdx.x & 1) * 8; }
+  __device__ static void zero(Acc& c) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c.x[e] = 0.f;
+  }
+  __device__ static void load(Acc& c, const float* p, int ld) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) c.x[e] = p[row() * ld + col0() + e];
+  }
+  __device__ static void store(float* p, int ld, const Acc& c) {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) p[row() * ld + col0() + e] = c.x[e];
+  }
+  template <bool AT, bool BT>
+  __device__ static void mma(Acc& c, const float* a, int lda, const float* b, int ldb) {
+    const int r = row(), c0 = col0();
+#pragma unroll 4
+    for (int kk = 0; kk < 16; ++kk) {
+      const float av = AT ? a[kk * lda + r] : a[r * lda + kk];
+#pragma unroll
+      for (int e = 0; e < 8; ++e) c.x[e] += av * (BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
+    }
+  }
+};
+
+template <typename E>
+struct Params {
+  const E *q, *k, *v;     // [B, H, T, D], contiguous
+  const E *ak, *av;       // [Hk, T, T], [Hv, T, T]; only the lower triangle is read
+  const int64_t* lengths;  // device [B] or nullptr (no padding)
+  E* work;                 // nullptr: block buffers in shared memory; else [B*H, nbuf, Tp, D]
+  // forward
+  E* out;
+  float* lse_out;
+  // backward
+  const E *dout, *o;
+  const float* lse;
+  E *dq, *dk, *dv;
+  float *dak, *dav;  // fp32 accumulators [Hk, T, T], [Hv, T, T], zero-initialised
+  int H, T, Tp, Hk, Hv;
+  float scale, keep_scale;
+  bool dropout;
+  uint64_t seed;
+  uint32_t threshold;
+};
+
+// Shared-memory budget, shared by host (launch size) and device (carving).
+// Block buffers of Tp x D elements: forward K, V and the staging rows; backward K, V, staging
+// rows (then dK_mixed) and dV_mixed.
+constexpr int kFwdBuffers = 3;
+constexpr int kBwdBuffers = 4;
+
+template <typename T, int D>
+struct Smem {
+  static constexpr size_t mix = 256 * sizeof(T) + 256 * sizeof(float);  // A tile + fp32 tile
+  static constexpr size_t fwd_warp = 16 * D * sizeof(T) + 16 * kChunk * sizeof(float) +
+                                     16 * kChunk * sizeof(T) + 16 * D * sizeof(float) +
+                                     3 * 16 * sizeof(float);
+  static constexpr size_t bwd_warp =
+      2 * 16 * D * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 256 * sizeof(T) +
+      2 * 16 * D * sizeof(float);
+  __host__ __device__ static size_t buf(int Tp) { return static_cast<size_t>(Tp) * D * sizeof(T); }
+  __host__ __device__ static size_t fwd_warps(int Tp, bool in_smem) {
+    // In shared memory, the staging buffer of the mixing step and the warps' scratch share space.
+    const size_t warps = kWarps * fwd_warp;
+    return in_smem && buf(Tp) > warps ? buf(Tp) : warps;
+  }
+  static size_t fwd(int Tp, bool in_smem) {
+    return (in_smem ? 2 * buf(Tp) : 0) + fwd_warps(Tp, in_smem) + kWarps * mix;
+  }
+  static size_t bwd(int Tp, bool in_smem) {
+    return (in_smem ? kBwdBuffers * buf(Tp) : 0) + kWarps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
+  }
+};
+
+struct Seq {
+  int b, h, bh, L, s, nt, Lp;
+};
+
+template <typename T>
+__device__ Seq seq_of(const Params<T>& p) {
+  Seq q;
+  q.bh = blockIdx.x;
+  q.b = q.bh / p.H;
+  q.h = q.bh % p.H;
+  q.L = p.lengths != nullptr ? static_cast<int>(p.lengths[q.b]) : p.T;  // checked on the host
+  q.s = p.T - q.L;
+  q.nt = (q.L + 15) / 16;
+  q.Lp = 16 * q.nt;
+  return q;
+}
+
+// dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows. Whole block.
+template <typename T, int D>
+__device__ void stage_rows(const T* __restrict__ g, int s, int L, int rows, T* dst) {
+  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
+    const int r = idx / D;
+    dst[idx] = r < L ? g[static_cast<size_t>(s + r) * D + (idx - r * D)] : from_f<T>(0.f);
+  }
+}
+
+// Rows r < limit of dst = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its transpose) and src
+// is Lp x D with zero rows from L on. Warp w computes the row tiles w, w + kWarps, ...; `stage`
+// (16 x 16 of T) and `tile` (16 x 16 fp32) are the warp's own scratch.
+template <typename T, int D, bool TRANS>
+__device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, const T* src,
+                         T* dst, int limit, T* stage, float* tile) {
+  using M = Mma<T>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  for (int ti = warp; ti < nt; ti += kWarps) {
+    typename M::Acc acc[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) M::zero(acc[c]);
+    const int lo = TRANS ? ti : 0, hi = TRANS ? nt - 1 : ti;
+    for (int tj = lo; tj <= hi; ++tj) {
+      for (int e = lane; e < 256; e += 32) {
+        // output row i, summed index j; the element is A[i][j] (j <= i), or A[j][i] (i <= j)
+        const int i = ti * 16 + (e >> 4), j = tj * 16 + (e & 15);
+        const int row = TRANS ? j : i, col = TRANS ? i : j;
+        const bool ok = i < L && j < L && col <= row;
+        stage[e] = ok ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
+      }
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c)
+        M::template mma<false, false>(acc[c], stage, 16, src + static_cast<size_t>(tj) * 16 * D + c * 16, D);
+      __syncwarp();
+    }
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      M::store(tile, 16, acc[c]);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int r = ti * 16 + (e >> 4);
+        if (r < limit) dst[static_cast<size_t>(r) * D + c * 16 + (e & 15)] = from_f<T>(tile[e]);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// da[s+i, s+j] += sum_c G[i, c] X[j, c] for j <= i < L (fp32 atomics into the shared accumulator).
+template <typename T, int D>
+__device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, int L, int nt,
+                            float* tile) {
+  using M = Mma<T>;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  int n = 0;
+  for (int ti = 0; ti < nt; ++ti) {
+    for (int tj = 0; tj <= ti; ++tj, ++n) {
+      if (n % kWarps != warp) continue;
+      typename M::Acc acc;
+      M::zero(acc);
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c)
+        M::template mma<false, true>(acc, G + static_cast<size_t>(ti) * 16 * D + c * 16, D,
+                                     X + static_cast<size_t>(tj) * 16 * D + c * 16, D);
+      M::store(tile, 16, acc);
+      __syncwarp();
+      for (int e = lane; e < 256; e += 32) {
+        const int i = ti * 16 + (e >> 4), j = tj * 16 + (e & 15);
+        if (i < L && j <= i) atomicAdd(da + static_cast<size_t>(s + i) * Tn + s + j, tile[e]);
+      }
+      __syncwarp();
+    }
+  }
+}
+
+// The two block buffers K and V (mixed keys and values) for this block: shared or workspace.
+template <typename T>
+__device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* smem, int nbuf, int D) {
+  if (p.work == nullptr) return reinterpret_cast<T*>(smem);
+  return p.work + static_cast<size_t>(q.bh) * nbuf * p.Tp * D;
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
+#if !PKA_FUSED_ARCH_OK
+  __trap();
+#else
+  PKA_DYNAMIC_SMEM(smem);
+  using M = Mma<T>;
+  using SM = Smem<T, D>;
+  const Seq q = seq_of(p);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t base = static_cast<size_t>(q.bh) * p.T * D;
+  T* out = p.out + base;
+  float* lse = p.lse_out + static_cast<size_t>(q.bh) * p.T;
+  for (int idx = threadIdx.x; idx < q.s * D; idx += kThreads) out[idx] = from_f<T>(0.f);
+  for (int i = threadIdx.x; i < q.s; i += kThreads) lse[i] = 0.f;
+  if (q.L == 0) return;  // uniform over the block
+
+  const size_t buf = static_cast<size_t>(p.Tp) * D;
+  T* K = block_buffers(p, q, smem, kFwdBuffers, D);
+  T* V = K + buf;
+  T* X = V + buf;  // staged raw rows; in shared memory its space is reused by the warps below
+  unsigned char* warps = p.work == nullptr ? reinterpret_cast<unsigned char*>(X) : smem;
+  unsigned char* mixs = warps + SM::fwd_warps(p.Tp, p.work == nullptr) + warp * SM::mix;
+  T* stage = reinterpret_cast<T*>(mixs);
+  float* tile = reinterpret_cast<float*>(mixs + 256 * sizeof(T));
+
+  const T* ak = p.ak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T;
+  const T* av = p.av + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T;
+  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(ak, p.T, q.s, q.L, q.nt, X, K, q.Lp, stage, tile);
+  __syncthreads();
+  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(av, p.T, q.s, q.L, q.nt, X, V, q.Lp, stage, tile);
+  __syncthreads();
+
+  unsigned char* mine = warps + warp * SM::fwd_warp;
+  T* Qs = reinterpret_cast<T*>(mine);                  // [16, D]
+  float* Sf = reinterpret_cast<float*>(Qs + 16 * D);   // [16, kChunk] raw scores
+  T* P = reinterpret_cast<T*>(Sf + 16 * kChunk);       // [16, kChunk] probabilities (x dropout)
+  float* O = reinterpret_cast<float*>(P + 16 * kChunk);  // [16, D] unnormalised output
+  float* m = O + 16 * D;
+  float* l = m + 16;
+  float* alpha = l + 16;
+  const int r = lane >> 1, half = lane & 1;  // two lanes per query row in the softmax steps
+
+  for (int qt = warp; qt < q.nt; qt += kWarps) {
+    const int i = qt * 16 + r;
+    const bool row_ok = i < q.L;
+    for (int e = lane; e < 16 * D; e += 32) {
+      const int rr = qt * 16 + e / D;
+      Qs[e] = rr < q.L ? p.q[base + static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
+      O[e] = 0.f;
+    }
+    if (lane < 16) {
+      m[lane] = -INFINITY;
+      l[lane] = 0.f;
+    }
+    __syncwarp();
+    const uint32_t key = p.dropout && row_ok ? dropout_row_key(p.seed, q.b, q.h, q.s + i) : 0u;
+    const int last = min(qt * 16 + 15, q.L - 1);  // the tile's last visible key
+    for (int k0 = 0; k0 <= last; k0 += kChunk) {
+      const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
+      for (int kt = 0; kt < ntiles; ++kt) {
+        typename M::Acc acc;
+        M::zero(acc);
+#pragma unroll
+        for (int c = 0; c < D / 16; ++c)
+          M::template mma<false, true>(acc, Qs + c * 16, D,
+                                       K + static_cast<size_t>(k0 + kt * 16) * D + c * 16, D);
+        M::store(Sf + kt * 16, kChunk, acc);
+      }
+      __syncwarp();
+      float mx = -INFINITY;
+      for (int c = half * 32; c < half * 32 + 32; ++c)
+        if (row_ok && k0 + c <= i) mx = fmaxf(mx, Sf[r * kChunk + c] * p.scale);
+      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
+      const float m_old = m[r], m_new = fmaxf(m_old, mx);
+      // m_new is finite on every real row after the first chunk (key 0 is visible to all).
+      const float a = m_new == -INFINITY ? 1.f : expf(m_old - m_new);
+      float sum = 0.f;
+      for (int c = half * 32; c < half * 32 + 32; ++c) {
+        const int j = k0 + c;
+        float pv = 0.f;
+        if (row_ok && j <= i) {
+          const float e = expf(Sf[r * kChunk + c] * p.scale - m_new);
+          sum += e;
+          pv = !p.dropout ? e : (dropout_keep(key, q.s + j, p.threshold) ? e * p.keep_scale : 0.f);
+        }
+        P[r * kChunk + c] = from_f<T>(pv);
+      }
+      sum += __shfl_xor_sync(kFull, sum, 1);
+      __syncwarp();
+      if (half == 0) {
+        m[r] = m_new;
+        l[r] = l[r] * a + sum;
+        alpha[r] = a;
+      }
+      __syncwarp();
+      for (int e = lane; e < 16 * D; e += 32) O[e] *= alpha[e / D];
+      __syncwarp();
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        typename M::Acc acc;
+        M::load(acc, O + c * 16, D);
+        for (int kt = 0; kt < ntiles; ++kt)
+          M::template mma<false, false>(acc, P + kt * 16, kChunk,
+                                        V + static_cast<size_t>(k0 + kt * 16) * D + c * 16, D);
+        M::store(O + c * 16, D, acc);
+      }
+      __syncwarp();
+    }
+    for (int e = lane; e < 16 * D; e += 32) {
+      const int rr = qt * 16 + e / D;
+      if (rr < q.L) out[static_cast<size_t>(q.s + rr) * D + e % D] = from_f<T>(O[e] / l[e / D]);
+    }
+    if (half == 0 && row_ok) lse[q.s + i] = m[r] + logf(l[r]);
+    __syncwarp();
+  }
+#endif
+}
+
+// Scores S = Q K_t^T and dP = dO V_t^T of one 16 x 16 (query tile, key tile) pair, turned into
+// PZ = P Z and dS = P (Z dP - Delta) scale with P = exp(scale S - lse) on visible pairs, else 0.
+template <typename T, int D>
+__device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, const T* Qs,
+                            const T* dOs, const T* K, const T* V, const float* lse_s,
+                            const float* delta, const uint32_t* rowkey, float* Sf, float* dPf,
+                            T* PZ, T* dS) {
+  using M = Mma<T>;
+  const int lane = threadIdx.x & 31;
+  typename M::Acc s_acc, dp_acc;
+  M::zero(s_acc);
+  M::zero(dp_acc);
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    M::template mma<false, true>(s_acc, Qs + c * 16, D, K + static_cast<size_t>(kt) * 16 * D + c * 16, D);
+    M::template mma<false, true>(dp_acc, dOs + c * 16, D, V + static_cast<size_t>(kt) * 16 * D + c * 16, D);
+  }
+  M::store(Sf, 16, s_acc);
+  M::store(dPf, 16, dp_acc);
+  __syncwarp();
+  for (int e = lane; e < 256; e += 32) {
+    const int i = qt * 16 + (e >> 4), j = kt * 16 + (e & 15);
+    float pz = 0.f, ds = 0.f;
+    if (i < q.L && j <= i) {
+      const float prob = expf(Sf[e] * p.scale - lse_s[i]);
+      const float z = !p.dropout ? 1.f
+                                 : (dropout_keep(rowkey[i], q.s + j, p.threshold) ? p.keep_scale : 0.f);
+      pz = prob * z;
+      ds = prob * (z * dPf[e] - delta[i]) * p.scale;
+    }
+    if (PZ != nullptr) PZ[e] = from_f<T>(pz);
+    dS[e] = from_f<T>(ds);
+  }
+  __syncwarp();
+}
+
+template <typename T, int D>
+__device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 16 * D; e += 32) {
+    const int rr = t * 16 + e / D;
+    dst[e] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
+  }
+}
+
+template <typename T, int D>
+__global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
+#if !PKA_FUSED_ARCH_OK
+  __trap();
+#else
+  PKA_DYNAMIC_SMEM(smem);
+  using M = Mma<T>;
+  using SM = Smem<T, D>;
+  const Seq q = seq_of(p);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const size_t base = static_cast<size_t>(q.bh) * p.T * D;
+  for (int idx = threadIdx.x; idx < q.s * D; idx += kThreads) {
+    p.dq[base + idx] = from_f<T>(0.f);
+    p.dk[base + idx] = from_f<T>(0.f);
+    p.dv[base + idx] = from_f<T>(0.f);
+  }
+  if (q.L == 0) return;
+
+  const size_t buf = static_cast<size_t>(p.Tp) * D;
+  T* K = block_buffers(p, q, smem, kBwdBuffers, D);
+  T* V = K + buf;
+  T* X = V + buf;   // staged raw rows, then dK_mixed
+  T* dV = X + buf;  // dV_mixed
+  unsigned char* warps = p.work == nullptr ? smem + kBwdBuffers * SM::buf(p.Tp) : smem;
+  unsigned char* mixs = warps + kWarps * SM::bwd_warp + warp * SM::mix;
+  T* stage = reinterpret_cast<T*>(mixs);
+  float* tile = reinterpret_cast<float*>(mixs + 256 * sizeof(T));
+  float* lse_s = reinterpret_cast<float*>(warps + kWarps * (SM::bwd_warp + SM::mix));
+  float* delta = lse_s + p.Tp;
+  uint32_t* rowkey = reinterpret_cast<uint32_t*>(delta + p.Tp);
+
+  const T* dout = p.dout + base;
+  for (int i = threadIdx.x; i < q.Lp; i += kThreads) {
+    float d = 0.f, l = 0.f;
+    uint32_t key = 0u;
+    if (i < q.L) {
+      const size_t row = static_cast<size_t>(q.s + i) * D;
+      for (int c = 0; c < D; ++c) d += to_f(dout[row + c]) * to_f(p.o[base + row + c]);
+      l = p.lse[static_cast<size_t>(q.bh) * p.T + q.s + i];
+      if (p.dropout) key = dropout_row_key(p.seed, q.b, q.h, q.s + i);
+    }
+    delta[i] = d;
+    lse_s[i] = l;
+    rowkey[i] = key;
+  }
+  const int hk = p.Hk == 1 ? 0 : q.h, hv = p.Hv == 1 ? 0 : q.h;
+  const T* ak = p.ak + static_cast<size_t>(hk) * p.T * p.T;
+  const T* av = p.av + static_cast<size_t>(hv) * p.T * p.T;
+  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(ak, p.T, q.s, q.L, q.nt, X, K, q.Lp, stage, tile);
+  __syncthreads();
+  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(av, p.T, q.s, q.L, q.nt, X, V, q.Lp, stage, tile);
+  __syncthreads();
+  T* dK = X;
+
+  unsigned char* mine = warps + warp * SM::bwd_warp;
+  T* Qs = reinterpret_cast<T*>(mine);
+  T* dOs = Qs + 16 * D;
+  float* Sf = reinterpret_cast<float*>(dOs + 16 * D);
+  float* dPf = Sf + 256;
+  T* PZ = reinterpret_cast<T*>(dPf + 256);
+  T* dS = PZ + 256;
+  float* accK = reinterpret_cast<float*>(dS + 256);  // [16, D]: dK_mixed, then dq
+  float* accV = accK + 16 * D;                       // [16, D]: dV_mixed
+
+  // Pass 1: each warp owns key tiles and sums over every query tile that sees them.
+  for (int kt = warp; kt < q.nt; kt += kWarps) {
+    for (int e = lane; e < 16 * D; e += 32) accK[e] = accV[e] = 0.f;
+    for (int qt = kt; qt < q.nt; ++qt) {
+      stage_tile<T, D>(p.q + base, q, qt, Qs);
+      stage_tile<T, D>(dout, q, qt, dOs);
+      __syncwarp();
+      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse_s, delta, rowkey, Sf, dPf, PZ, dS);
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        typename M::Acc a;
+        M::load(a, accV + c * 16, D);
+        M::template mma<true, false>(a, PZ, 16, dOs + c * 16, D);
+        M::store(accV + c * 16, D, a);
+        M::load(a, accK + c * 16, D);
+        M::template mma<true, false>(a, dS, 16, Qs + c * 16, D);
+        M::store(accK + c * 16, D, a);
+      }
+      __syncwarp();
+    }
+    for (int e = lane; e < 16 * D; e += 32) {
+      const size_t at = static_cast<size_t>(kt) * 16 * D + e;
+      dK[at] = from_f<T>(accK[e]);
+      dV[at] = from_f<T>(accV[e]);
+    }
+    __syncwarp();
+  }
+  // Pass 2: each warp owns query tiles: dq = dS K over the visible key tiles.
+  for (int qt = warp; qt < q.nt; qt += kWarps) {
+    for (int e = lane; e < 16 * D; e += 32) accK[e] = 0.f;
+    stage_tile<T, D>(p.q + base, q, qt, Qs);
+    stage_tile<T, D>(dout, q, qt, dOs);
+    __syncwarp();
+    for (int kt = 0; kt <= qt; ++kt) {
+      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse_s, delta, rowkey, Sf, dPf, nullptr, dS);
+#pragma unroll
+      for (int c = 0; c < D / 16; ++c) {
+        typename M::Acc a;
+        M::load(a, accK + c * 16, D);
+        M::template mma<false, false>(a, dS, 16, K + static_cast<size_t>(kt) * 16 * D + c * 16, D);
+        M::store(accK + c * 16, D, a);
+      }
+      __syncwarp();
+    }
+    for (int e = lane; e < 16 * D; e += 32) {
+      const int rr = qt * 16 + e / D;
+      if (rr < q.L) p.dq[base + static_cast<size_t>(q.s + rr) * D + e % D] = from_f<T>(accK[e]);
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+  // K and V are no longer needed: the raw rows go there for the kernel gradients.
+  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, K);
+  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, V);
+  __syncthreads();
+  const size_t first = base + static_cast<size_t>(q.s) * D;
+  mix_rows<T, D, true>(ak, p.T, q.s, q.L, q.nt, dK, p.dk + first, q.L, stage, tile);
+  mix_rows<T, D, true>(av, p.T, q.s, q.L, q.nt, dV, p.dv + first, q.L, stage, tile);
+  kernel_grad<T, D>(dK, K, p.dak + static_cast<size_t>(hk) * p.T * p.T, p.T, q.s, q.L, q.nt, tile);
+  kernel_grad<T, D>(dV, V, p.dav + static_cast<size_t>(hv) * p.T * p.T, p.T, q.s, q.L, q.nt, tile);
+#endif
+}
+
+}  // namespace fused
+}  // namespace pka

@@ -1,0 +1,91 @@
+// A CPU model of the CUDA execution the fused kernels rely on, so that their device code
+// (csrc/pka_fused_kernels.cuh, float32 instantiation) can run and be tested without a GPU.
+//
+// Each block runs as kThreads std::threads sharing one "shared memory" buffer (filled with NaN
+// bytes first, so reading anything not written shows up); __syncthreads is a barrier over the
+// block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an exchange through
+// per-warp slots between two warp barriers, atomicAdd an atomic_ref add. Blocks run one after
+// another. A divergent barrier deadlocks here, as it is undefined on the device.
+#pragma once
+
+#include <atomic>
+#include <barrier>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __trap() std::abort()
+
+struct dim3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+
+namespace pka_emu {
+
+struct BlockState {
+  explicit BlockState(unsigned threads, size_t smem_bytes)
+      : block(threads), shfl(threads), smem_size(smem_bytes + 128) {
+    for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
+    storage.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (smem_size + 127) / 128 * 128)));
+    std::memset(storage.get(), 0xff, smem_size);  // NaN in every float and half lane
+  }
+  struct Free {
+    void operator()(unsigned char* p) const { std::free(p); }
+  };
+  std::barrier<> block;
+  std::vector<std::unique_ptr<std::barrier<>>> warps;
+  std::vector<float> shfl;
+  size_t smem_size;
+  std::unique_ptr<unsigned char, Free> storage;
+};
+
+inline thread_local BlockState* current = nullptr;
+inline thread_local dim3 thread_idx, block_idx;
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, unsigned grid, unsigned threads, size_t smem_bytes, const Params& p) {
+  for (unsigned b = 0; b < grid; ++b) {
+    BlockState state(threads, smem_bytes);
+    std::vector<std::thread> pool;
+    pool.reserve(threads);
+    for (unsigned t = 0; t < threads; ++t)
+      pool.emplace_back([&, t] {
+        current = &state;
+        thread_idx.x = t;
+        block_idx.x = b;
+        kernel(p);
+      });
+    for (auto& th : pool) th.join();
+  }
+}
+
+}  // namespace pka_emu
+
+#define threadIdx (::pka_emu::thread_idx)
+#define blockIdx (::pka_emu::block_idx)
+#define PKA_DYNAMIC_SMEM(name) unsigned char* name = ::pka_emu::current->storage.get()
+
+inline void __syncthreads() { ::pka_emu::current->block.arrive_and_wait(); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  ::pka_emu::current->warps[threadIdx.x / 32]->arrive_and_wait();
+}
+inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
+  float* slots = ::pka_emu::current->shfl.data() + (threadIdx.x / 32) * 32;
+  const unsigned lane = threadIdx.x % 32;
+  slots[lane] = v;
+  __syncwarp();
+  const float out = slots[lane ^ static_cast<unsigned>(lane_mask)];
+  __syncwarp();
+  return out;
+}
+inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
+inline int min(int a, int b) { return a < b ? a : b; }

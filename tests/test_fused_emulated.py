@@ -1,0 +1,111 @@
+"""The fused CUDA kernels' device code, run on the CPU through a model of CUDA execution.
+
+``tests/cuda_emu`` compiles ``csrc/pka_fused_kernels.cuh`` (float32 instantiation: the same
+indexing, masking, tiling, online softmax, two-pass backward, mixing and atomics as the half types,
+with CUDA-core tile products instead of WMMA) as plain C++: every block runs as 128 threads with
+real barriers for __syncthreads / __syncwarp, shuffles through shared slots, NaN-filled shared
+memory and NaN-poisoned outputs. This checks the kernels on machines without a GPU; the WMMA tile
+product itself and performance need the device (tests/test_cuda_fused.py).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+import python_ref
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES = ("q", "k", "v", "a_k", "a_v")
+
+
+@pytest.fixture(scope="module")
+def emu():
+    from torch.utils.cpp_extension import load
+
+    build = os.path.join(REPO, "build", "cuda_emu")
+    os.makedirs(build, exist_ok=True)
+    return load(
+        name="pka_fused_emu",
+        sources=[os.path.join(REPO, "tests", "cuda_emu", "emu_ext.cpp")],
+        extra_include_paths=[os.path.join(REPO, "csrc"), os.path.join(REPO, "tests", "cuda_emu")],
+        extra_cflags=["-O2"],
+        build_directory=build,
+        verbose=False,
+    )
+
+
+def make_case(B, H, T, d, per_head, lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+    shape = (H, T, T) if per_head else (T, T)
+    a_k, a_v = (torch.randn(*shape, generator=g, dtype=torch.float64) / math.sqrt(T) for _ in range(2))
+    dout = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    return [q, k, v, a_k, a_v], torch.tensor(lengths, dtype=torch.int64), dout
+
+
+def rel(x, ref):
+    return ((x.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+CASES = [
+    # B, H, T, d, per_head, lengths, dropout_p, workspace
+    (3, 2, 1, 16, False, [1, 0, 1], 0.0, False),
+    (3, 2, 5, 16, True, [5, 0, 3], 0.3, False),
+    (3, 1, 17, 16, False, [17, 16, 1], 0.0, True),
+    (2, 2, 40, 32, True, [40, 23], 0.25, False),
+    (2, 2, 40, 32, False, [33, 0], 0.0, True),
+    (2, 1, 70, 16, False, [70, 65], 0.5, False),
+    (2, 1, 70, 16, True, [70, 49], 0.1, True),
+    (1, 1, 24, 64, False, [21], 0.2, False),
+    (1, 1, 20, 128, True, [20], 0.0, False),
+]
+
+
+@pytest.mark.parametrize("B,H,T,d,per_head,lengths,dropout_p,workspace", CASES)
+def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dropout_p, workspace):
+    x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T * 7 + d)
+    seed = 1234 if dropout_p > 0 else 0
+    scale = d**-0.5
+    x32 = [t.float().contiguous() for t in x64]
+    out, lse, in_smem = emu.fwd(*x32, lens, scale, dropout_p, seed, workspace)
+    assert in_smem == (not workspace)
+
+    leaves = [t.clone().requires_grad_(True) for t in x64]
+    out_r = python_ref.pka_attention(*leaves, lens, scale=scale, dropout_p=dropout_p,
+                                     seed=seed if dropout_p > 0 else None)
+    grads_r = torch.autograd.grad(out_r, leaves, dout64)
+    _, lse_r = torch.ops.pka_ext.pka_fwd(*x64, lens, scale, dropout_p,
+                                         torch.tensor([seed]) if dropout_p > 0 else None)
+
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any(), "an output was never written"
+    assert rel(out, out_r.detach()) <= 1e-4, f"out: {rel(out, out_r.detach()):.2e}"
+    assert (lse.double() - lse_r).abs().max().item() <= 1e-4
+    pad = torch.arange(T)[None, :] < (T - lens)[:, None]
+    assert (out.transpose(1, 2)[pad] == 0).all() and (lse[pad[:, None, :].expand_as(lse)] == 0).all()
+
+    grads = emu.bwd(dout64.float(), *x32, lens, out, lse, scale, dropout_p, seed, workspace)
+    for name, g, gr in zip(NAMES, grads, grads_r):
+        assert not torch.isnan(g).any(), f"d{name}: an element was never written"
+        assert rel(g, gr) <= 1e-4, f"d{name}: {rel(g, gr):.2e}"
+    for name, g in zip(NAMES[:3], grads[:3]):
+        assert (g.transpose(1, 2)[pad] == 0).all(), f"d{name}: padded rows must be 0"
+    for name, g in zip(NAMES[3:], grads[3:]):
+        assert (g.triu(1) == 0).all(), f"d{name}: upper triangle must be 0"
+
+
+@pytest.mark.parametrize("d,T,elem,fits_fwd,fits_bwd", [
+    (64, 200, 2, True, True),     # the headline shape keeps everything in shared memory
+    (64, 512, 2, True, False),    # the backward of long sequences uses the workspace path
+    (128, 1024, 4, False, False),
+    (16, 50, 4, True, True),
+])
+def test_launch_plan(emu, d, T, elem, fits_fwd, fits_bwd):
+    limit = 227 * 1024
+    fwd_smem, bwd_smem = emu.smem_bytes(d, T, True, elem)
+    assert (fwd_smem <= limit) == fits_fwd and (bwd_smem <= limit) == fits_bwd
+    fwd_ws, bwd_ws = emu.smem_bytes(d, T, False, elem)
+    assert fwd_ws <= limit and bwd_ws <= limit  # the workspace path always launches

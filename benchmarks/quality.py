@@ -166,7 +166,7 @@ def _group(rows, key):
 
 
 def _table(groups, label) -> list[str]:
-    lines = [f"| {label} | seeds | NDCG@10 | HR@10 | COV@10 | best epoch | train min |",
+    lines = [f"| {label} | seeds | NDCG@10 | HR@10 | COV@10 | best epoch | epochs run |",
              "|---|---|---|---|---|---|---|"]
     for key, rs in groups.items():
         capped = any(r["best_epoch"] == r["max_epochs"] for r in rs)
@@ -175,7 +175,7 @@ def _table(groups, label) -> list[str]:
             f"{_mean_std([r['test']['ndcg@10'] for r in rs])} | {_mean_std([r['test']['hr@10'] for r in rs])} | "
             f"{_mean_std([r['test']['cov@10'] for r in rs])} | "
             f"{', '.join(str(r['best_epoch']) for r in rs)}{' (cap)' if capped else ''} | "
-            f"{np.mean([r['train_seconds'] for r in rs]) / 60:.1f} |")
+            f"{', '.join(str(r['epochs_run']) for r in rs)} |")
     return lines
 
 
@@ -216,7 +216,9 @@ def cmd_report(args) -> None:
           f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
           f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
           "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
-          "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained).", ""]
+          "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained). Runs shared the 2 cores "
+          "with each other and were paused while speed benchmarks ran, so their wall times (in "
+          "`quality.json`) are not speed measurements; those are in `speed.md`.", ""]
     if args.summary:
         with open(args.summary) as f:
             md += ["## Summary", "", f.read().strip(), ""]

@@ -8,6 +8,7 @@ rerun; delete the claim file of a failed or interrupted cell to run it again.
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
     python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
+    python benchmarks/quality.py adopt --table small ...             # record cells whose runner was stopped
     python benchmarks/quality.py report                              # -> benchmarks/results/quality.{md,json}
 
 Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
@@ -104,6 +105,13 @@ def cells(args) -> list[dict]:
     return out
 
 
+def write_cell_json(cell: dict, wall_seconds: float | None, rc: int) -> None:
+    with open(os.path.join(cell["dir"], "cell.json"), "w") as f:
+        json.dump({k: cell[k] for k in ("table", "dataset", "model", "variant", "seed")}
+                  | {"command": "pka-rec " + shlex.join(cell["cmd"][3:]).replace(DATA, "../shared/data"),
+                     "wall_seconds": wall_seconds, "rc": rc}, f, indent=2)
+
+
 def run_cell(cell: dict) -> None:
     os.makedirs(cell["dir"], exist_ok=True)
     try:  # a claim file lets several runners share one study without running a cell twice
@@ -117,10 +125,7 @@ def run_cell(cell: dict) -> None:
     status = "ok" if rc == 0 else f"FAILED rc={rc}"
     print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
           flush=True)
-    with open(os.path.join(cell["dir"], "cell.json"), "w") as f:
-        json.dump({k: cell[k] for k in ("table", "dataset", "model", "variant", "seed")}
-                  | {"command": "pka-rec " + shlex.join(cell["cmd"][3:]).replace(DATA, "../shared/data"),
-                     "wall_seconds": time.perf_counter() - t0, "rc": rc}, f, indent=2)
+    write_cell_json(cell, time.perf_counter() - t0, rc)
 
 
 def cmd_run(args) -> None:
@@ -128,6 +133,15 @@ def cmd_run(args) -> None:
     print(f"{len(todo)} cells, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_cell, todo))
+
+
+def cmd_adopt(args) -> None:
+    """Records finished cells whose runner was stopped before it wrote cell.json."""
+    for cell in cells(args):
+        if os.path.exists(os.path.join(cell["dir"], "metrics.json")) and \
+                not os.path.exists(os.path.join(cell["dir"], "cell.json")):
+            write_cell_json(cell, None, 0)
+            print(f"adopted {cell['dir']}")
 
 
 def _collect(root: str) -> list[dict]:
@@ -244,17 +258,20 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
-    r.add_argument("--table", required=True, choices=sorted(TABLES) + ["ablation"])
-    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    r.add_argument("--epochs", type=int, default=200, help="epoch cap (early stopping ends runs sooner)")
-    r.add_argument("--patience", type=int, default=5)
-    r.add_argument("--lr", type=float, default=None, help="override every model's learning rate")
-    r.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
     r.add_argument("--jobs", type=int, default=2)
     r.set_defaults(fn=cmd_run)
+    a = sub.add_parser("adopt", help="write cell.json for finished cells that lack one")
     s = sub.add_parser("report")
     s.set_defaults(fn=cmd_report)
-    for q in (r, s):
+    for q in (r, a):
+        q.add_argument("--table", required=True, choices=sorted(TABLES) + ["ablation"])
+        q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+        q.add_argument("--epochs", type=int, default=200, help="epoch cap (early stopping ends runs sooner)")
+        q.add_argument("--patience", type=int, default=5)
+        q.add_argument("--lr", type=float, default=None, help="override every model's learning rate")
+        q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
+    a.set_defaults(fn=cmd_adopt)
+    for q in (r, s, a):
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")
     s.add_argument("--results", default=os.path.join(HERE, "results"))
     s.add_argument("--summary", default=None, help="markdown file with the written conclusions")

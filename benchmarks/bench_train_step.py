@@ -9,7 +9,6 @@ warm-up, all models in one process with the same thread count.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 

@@ -70,18 +70,6 @@ size_t smem_limit(const Tensor& q) {
 
 int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
 
-// Calls f.template operator()<D>() for the head dim, one of those the kernels are built for.
-template <typename F>
-void with_head_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    default: TORCH_CHECK(false, "pka fused CUDA kernels: head dim ", D, " is not 16, 32, 64 or 128");
-  }
-}
-
 template <typename T>
 Params<T> base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
                       const Tensor& av, const Tensor& lengths_dev, const Dims& d, double scale,
@@ -122,23 +110,23 @@ unsigned grid_of(const Dims& d) {
 bool fused_supported(const Tensor& q, const Dims& d) {
   const auto t = q.scalar_type();
   int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
+  C10_CUDA_CHECK(
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
   if (major < 8) return false;
   if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) return false;
-  if (d.D != 16 && d.D != 32 && d.D != 64 && d.D != 128) return false;
   if (d.T > (1 << 20)) return false;
   // The per-row arrays of the backward grow with T; beyond the device's shared memory, the
   // unfused path takes over.
   const size_t limit = smem_limit(q);
-  bool fits = true;
+  bool built = false, fits = false;
   PKA_DISPATCH_FUSED(t, "pka_fused_supported", [&] {
     using T = typename Native<scalar_t>::type;
-    with_head_dim(d.D, [&](auto D) {
+    built = with_head_dim(d.D, [&](auto D) {
       using SM = Smem<T, decltype(D)::value>;
       fits = SM::fwd(padded_T(d), false) <= limit && SM::bwd(padded_T(d), false) <= limit;
     });
   });
-  return fits;
+  return built && fits;
 }
 
 std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, const Tensor& v_,
@@ -158,7 +146,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_fwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
-    with_head_dim(d.D, [&](auto Dc) {
+    const bool built = with_head_dim(d.D, [&](auto Dc) {
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
       Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
@@ -177,6 +165,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       pka_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);
   });
   return {out, lse};
 }
@@ -200,7 +189,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_bwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
-    with_head_dim(d.D, [&](auto Dc) {
+    const bool built = with_head_dim(d.D, [&](auto Dc) {
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
       Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
@@ -225,6 +214,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       pka_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
+    TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);
   });
   Tensor da_k = dak.to(q.scalar_type()).view(a_k.sizes());
   Tensor da_v = dav.to(q.scalar_type()).view(a_v.sizes());

@@ -171,6 +171,19 @@ struct Smem {
   }
 };
 
+// Calls f(std::integral_constant<int, D>) for the head dims the kernels are built for; false for
+// any other.
+template <typename F>
+bool with_head_dim(int64_t D, F&& f) {
+  switch (D) {
+    case 16: f(std::integral_constant<int, 16>{}); return true;
+    case 32: f(std::integral_constant<int, 32>{}); return true;
+    case 64: f(std::integral_constant<int, 64>{}); return true;
+    case 128: f(std::integral_constant<int, 128>{}); return true;
+    default: return false;
+  }
+}
+
 struct Seq {
   int b, h, bh, L, s, nt, Lp;
 };
@@ -271,6 +284,38 @@ __device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* sme
   return p.work + static_cast<size_t>(q.bh) * nbuf * p.Tp * D;
 }
 
+// Rows of 16-row tile t of a [T, D] sequence slice into dst (16 x D), zero beyond L. One warp.
+template <typename T, int D>
+__device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
+  const int lane = threadIdx.x & 31;
+  for (int e = lane; e < 16 * D; e += 32) {
+    const int rr = t * 16 + e / D;
+    dst[e] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
+  }
+}
+
+// The [T, T] kernel matrix a head reads: the only one (shared) or its own.
+template <typename T>
+__device__ const T* head_kernel(const T* a, int heads, int h, int Tn) {
+  return a + static_cast<size_t>(heads == 1 ? 0 : h) * Tn * Tn;
+}
+
+// K = tril(A_k) k and V = tril(A_v) v on the block's valid rows; X is staging space. Whole block.
+template <typename T, int D>
+__device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T* X, T* K, T* V,
+                                T* stage, float* tile) {
+  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, q.Lp, stage,
+                        tile);
+  __syncthreads();
+  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
+  __syncthreads();
+  mix_rows<T, D, false>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, q.Lp, stage,
+                        tile);
+  __syncthreads();
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
@@ -297,16 +342,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   T* stage = reinterpret_cast<T*>(mixs);
   float* tile = reinterpret_cast<float*>(mixs + 256 * sizeof(T));
 
-  const T* ak = p.ak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T;
-  const T* av = p.av + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T;
-  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
-  __syncthreads();
-  mix_rows<T, D, false>(ak, p.T, q.s, q.L, q.nt, X, K, q.Lp, stage, tile);
-  __syncthreads();
-  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
-  __syncthreads();
-  mix_rows<T, D, false>(av, p.T, q.s, q.L, q.nt, X, V, q.Lp, stage, tile);
-  __syncthreads();
+  mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
 
   unsigned char* mine = warps + warp * SM::fwd_warp;
   T* Qs = reinterpret_cast<T*>(mine);                  // [16, D]
@@ -321,11 +357,8 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   for (int qt = warp; qt < q.nt; qt += kWarps) {
     const int i = qt * 16 + r;
     const bool row_ok = i < q.L;
-    for (int e = lane; e < 16 * D; e += 32) {
-      const int rr = qt * 16 + e / D;
-      Qs[e] = rr < q.L ? p.q[base + static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
-      O[e] = 0.f;
-    }
+    stage_tile<T, D>(p.q + base, q, qt, Qs);
+    for (int e = lane; e < 16 * D; e += 32) O[e] = 0.f;
     if (lane < 16) {
       m[lane] = -INFINITY;
       l[lane] = 0.f;
@@ -430,14 +463,6 @@ __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, co
   __syncwarp();
 }
 
-template <typename T, int D>
-__device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
-  const int lane = threadIdx.x & 31;
-  for (int e = lane; e < 16 * D; e += 32) {
-    const int rr = t * 16 + e / D;
-    dst[e] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
-  }
-}
 
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
@@ -484,17 +509,7 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
     lse_s[i] = l;
     rowkey[i] = key;
   }
-  const int hk = p.Hk == 1 ? 0 : q.h, hv = p.Hv == 1 ? 0 : q.h;
-  const T* ak = p.ak + static_cast<size_t>(hk) * p.T * p.T;
-  const T* av = p.av + static_cast<size_t>(hv) * p.T * p.T;
-  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
-  __syncthreads();
-  mix_rows<T, D, false>(ak, p.T, q.s, q.L, q.nt, X, K, q.Lp, stage, tile);
-  __syncthreads();
-  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
-  __syncthreads();
-  mix_rows<T, D, false>(av, p.T, q.s, q.L, q.nt, X, V, q.Lp, stage, tile);
-  __syncthreads();
+  mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
   T* dK = X;
 
   unsigned char* mine = warps + warp * SM::bwd_warp;
@@ -563,10 +578,14 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, V);
   __syncthreads();
   const size_t first = base + static_cast<size_t>(q.s) * D;
-  mix_rows<T, D, true>(ak, p.T, q.s, q.L, q.nt, dK, p.dk + first, q.L, stage, tile);
-  mix_rows<T, D, true>(av, p.T, q.s, q.L, q.nt, dV, p.dv + first, q.L, stage, tile);
-  kernel_grad<T, D>(dK, K, p.dak + static_cast<size_t>(hk) * p.T * p.T, p.T, q.s, q.L, q.nt, tile);
-  kernel_grad<T, D>(dV, V, p.dav + static_cast<size_t>(hv) * p.T * p.T, p.T, q.s, q.L, q.nt, tile);
+  mix_rows<T, D, true>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, dK, p.dk + first,
+                       q.L, stage, tile);
+  mix_rows<T, D, true>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, dV, p.dv + first,
+                       q.L, stage, tile);
+  kernel_grad<T, D>(dK, K, p.dak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
+                    q.L, q.nt, tile);
+  kernel_grad<T, D>(dV, V, p.dav + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
+                    q.L, q.nt, tile);
 #endif
 }
 

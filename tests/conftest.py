@@ -43,3 +43,12 @@ def max_rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.fixture
 def inputs_factory():
     return make_inputs
+
+
+@pytest.fixture
+def no_tf32():
+    """Full-precision fp32 GEMMs on the device and for the references (TF32 would cost ~1e-3)."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old

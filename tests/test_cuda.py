@@ -16,7 +16,8 @@ import pka_ext
 import python_ref
 from pka_ext.ops import seed_tensor
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("no_tf32")]
 
 DEVICE = "cuda"
 NAMES = ("q", "k", "v", "a_k", "a_v")
@@ -27,15 +28,6 @@ OP_BWD = torch.ops.pka_ext.pka_bwd
 # ------------------------------------------------------------------------------------------------
 # helpers
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """Full-precision fp32 GEMMs on the device and for the references (TF32 would cost ~1e-3)."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def make_inputs(B, H, T, d, per_head, *, seed=0):

@@ -16,26 +16,17 @@ import torch
 
 import pka_ext
 import python_ref
-from pka_ext.ops import seed_tensor
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                 "benchmarks"))
 from attention_impls import composition  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+              pytest.mark.usefixtures("no_tf32")]
 
 DEVICE = "cuda"
 NAMES = ("q", "k", "v", "a_k", "a_v")
 OP_FWD = torch.ops.pka_ext.pka_fwd
-OP_BWD = torch.ops.pka_ext.pka_bwd
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = old
 
 
 @pytest.fixture

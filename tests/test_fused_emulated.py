@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+import pka_ext  # noqa: F401  (registers torch.ops.pka_ext, the CPU op used for lse)
 import python_ref
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

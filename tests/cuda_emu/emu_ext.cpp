@@ -39,17 +39,6 @@ Params<float> make_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
-template <typename F>
-void with_head_dim(int64_t D, F&& f) {
-  switch (D) {
-    case 16: return f(std::integral_constant<int, 16>{});
-    case 32: return f(std::integral_constant<int, 32>{});
-    case 64: return f(std::integral_constant<int, 64>{});
-    case 128: return f(std::integral_constant<int, 128>{});
-    default: TORCH_CHECK(false, "head dim ", D, " has no fused kernel");
-  }
-}
-
 // Inputs: contiguous float32 CPU tensors, as the device entry points make them.
 std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
                                      std::optional<Tensor> lengths, double scale,
@@ -62,7 +51,7 @@ std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Te
   p.lse_out = lse.data_ptr<float>();
   Tensor work;
   bool in_smem = false;
-  with_head_dim(D, [&](auto Dc) {
+  const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<float, Dv>;
     in_smem = !workspace && SM::fwd(p.Tp, true) <= kDeviceSmem;
@@ -73,6 +62,7 @@ std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Te
     pka_emu::launch(pka_fwd_kernel<float, Dv>, static_cast<unsigned>(B * H), kThreads,
                     SM::fwd(p.Tp, in_smem), p);
   });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {out, lse, in_smem};
 }
 
@@ -94,7 +84,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
   p.dak = dak.data_ptr<float>();
   p.dav = dav.data_ptr<float>();
   Tensor work;
-  with_head_dim(D, [&](auto Dc) {
+  const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<float, Dv>;
     const bool in_smem = !workspace && SM::bwd(p.Tp, true) <= kDeviceSmem;
@@ -105,6 +95,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
     pka_emu::launch(pka_bwd_kernel<float, Dv>, static_cast<unsigned>(B * H), kThreads,
                     SM::bwd(p.Tp, in_smem), p);
   });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {dq, dk, dv, dak.view(ak.sizes()), dav.view(av.sizes())};
 }
 
@@ -112,7 +103,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
 std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int64_t elem_bytes) {
   int64_t f = 0, b = 0;
   const int Tp = static_cast<int>((T + 15) / 16 * 16);
-  with_head_dim(D, [&](auto Dc) {
+  const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     if (elem_bytes == 4) {
       f = Smem<float, Dv>::fwd(Tp, in_smem);
@@ -122,6 +113,7 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
       b = Smem<uint16_t, Dv>::bwd(Tp, in_smem);
     }
   });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {f, b};
 }
 

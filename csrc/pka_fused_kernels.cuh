@@ -89,9 +89,11 @@ struct Mma {
 };
 #endif
 
-// float32: the same interface on CUDA cores; lane l owns row l / 2, columns 8 (l % 2) ... + 7.
-template <>
-struct Mma<float> {
+// The same interface on CUDA cores, fp32 arithmetic on elements read through to_f: what float32
+// runs on the device (TF32 tensor cores would miss its accuracy), and what the CPU emulation uses
+// in place of WMMA for its 16-bit type. Lane l owns row l / 2, columns 8 (l % 2) ... + 7.
+template <typename T>
+struct ScalarMma {
   struct Acc {
     float x[8];
   };
@@ -110,16 +112,20 @@ struct Mma<float> {
     for (int e = 0; e < 8; ++e) p[row() * ld + col0() + e] = c.x[e];
   }
   template <bool AT, bool BT>
-  __device__ static void mma(Acc& c, const float* a, int lda, const float* b, int ldb) {
+  __device__ static void mma(Acc& c, const T* a, int lda, const T* b, int ldb) {
     const int r = row(), c0 = col0();
 #pragma unroll 4
     for (int kk = 0; kk < 16; ++kk) {
-      const float av = AT ? a[kk * lda + r] : a[r * lda + kk];
+      const float av = to_f(AT ? a[kk * lda + r] : a[r * lda + kk]);
 #pragma unroll
-      for (int e = 0; e < 8; ++e) c.x[e] += av * (BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
+      for (int e = 0; e < 8; ++e)
+        c.x[e] += av * to_f(BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
     }
   }
 };
+
+template <>
+struct Mma<float> : ScalarMma<float> {};
 
 template <typename E>
 struct Params {

@@ -110,3 +110,50 @@ def test_launch_plan(emu, d, T, elem, fits_fwd, fits_bwd):
     assert (fwd_smem <= limit) == fits_fwd and (bwd_smem <= limit) == fits_bwd
     fwd_ws, bwd_ws = emu.smem_bytes(d, T, False, elem)
     assert fwd_ws <= limit and bwd_ws <= limit  # the workspace path always launches
+
+
+def rel_l2(x, ref):
+    return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,workspace", [
+    (40, 32, False, [40, 17], 0.0, False),
+    (70, 16, True, [70, 0], 0.2, False),
+    (33, 64, False, [33, 30], 0.0, True),
+])
+def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspace):
+    """The 16-bit layout and roundings (scalar tile products in place of WMMA): error vs float64
+    at most 2x that of the same-dtype baseline (matmul + SDPA, or python_ref with dropout)."""
+    import sys
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from attention_impls import composition
+
+    B, H = len(lengths), 2
+    x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T + d)
+    seed = 77 if dropout_p > 0 else 0
+    x16 = [t.to(torch.bfloat16).contiguous() for t in x64]
+    exact_in = [t.double() for t in x16]
+    dout16 = dout64.to(torch.bfloat16)
+    kw = dict(dropout_p=dropout_p, seed=seed if dropout_p > 0 else None)
+
+    def fwd_bwd(fn, xs, dout):
+        leaves = [t.clone().requires_grad_(True) for t in xs]
+        out = fn(*leaves, lens, **kw)
+        return out.detach(), torch.autograd.grad(out, leaves, dout)
+
+    out_e, grads_e = fwd_bwd(python_ref.pka_attention, exact_in, dout16.double())
+    base = python_ref.pka_attention if dropout_p > 0 else (
+        lambda q, k, v, a_k, a_v, lengths, **_: composition(q, k, v, a_k, a_v, lengths))
+    out_b, grads_b = fwd_bwd(base, x16, dout16)
+
+    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, workspace)
+    grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, workspace)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert not torch.isnan(out).any() and not torch.isnan(lse).any()
+    e, eb = rel_l2(out, out_e), rel_l2(out_b, out_e)
+    assert e <= 2 * eb + 1e-6, f"out: emulated {e:.3e} vs baseline {eb:.3e}"
+    for name, g, gb, ge in zip(NAMES, grads, grads_b, grads_e):
+        assert not torch.isnan(g).any(), f"d{name}: an element was never written"
+        e, eb = rel_l2(g, ge), rel_l2(gb, ge)
+        assert e <= 2 * eb + 1e-6, f"d{name}: emulated {e:.3e} vs baseline {eb:.3e}"

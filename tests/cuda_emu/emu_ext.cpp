@@ -1,7 +1,10 @@
-// Runs the fused kernels' device code (float32 instantiation) on the CPU through emu.h.
-// Built by tests/test_fused_emulated.py with torch.utils.cpp_extension.load.
+// Runs the fused kernels' device code on the CPU through emu.h, for float32 and for a bfloat16
+// stand-in (bf16e: same bits as torch.bfloat16, round-to-nearest-even) whose tile products use the
+// CUDA-core ScalarMma in place of WMMA, so that the 16-bit element layout of shared memory and the
+// roundings of the half-type path run too. Built by tests/test_fused_emulated.py.
 #include <torch/extension.h>
 
+#include <cstring>
 #include <optional>
 #include <tuple>
 
@@ -9,22 +12,55 @@
 // After emu.h, which supplies the CUDA built-ins the device code uses.
 #include "pka_fused_kernels.cuh"
 
+namespace pka::fused {
+
+struct bf16e {
+  uint16_t bits;
+};
+
+inline float to_f(bf16e x) {
+  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+
+template <>
+inline bf16e from_f<bf16e>(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);                          // round to nearest even
+  return {static_cast<uint16_t>(u >> 16)};
+}
+
+template <>
+struct Mma<bf16e> : ScalarMma<bf16e> {};
+
+}  // namespace pka::fused
+
 namespace {
 
 using at::Tensor;
 using namespace pka::fused;
 
+template <typename T>
+T* ptr(const Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
 constexpr size_t kDeviceSmem = 227 * 1024;  // H100 opt-in limit per block
 
-Params<float> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
-                          const Tensor& av, const std::optional<Tensor>& lengths, double scale,
-                          double dropout_p, int64_t seed) {
-  Params<float> p{};
-  p.q = q.data_ptr<float>();
-  p.k = k.data_ptr<float>();
-  p.v = v.data_ptr<float>();
-  p.ak = ak.data_ptr<float>();
-  p.av = av.data_ptr<float>();
+template <typename T>
+Params<T> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
+                      const Tensor& av, const std::optional<Tensor>& lengths, double scale,
+                      double dropout_p, int64_t seed) {
+  Params<T> p{};
+  p.q = ptr<T>(q);
+  p.k = ptr<T>(k);
+  p.v = ptr<T>(v);
+  p.ak = ptr<T>(ak);
+  p.av = ptr<T>(av);
   p.lengths = lengths.has_value() ? lengths->data_ptr<int64_t>() : nullptr;
   p.H = static_cast<int>(q.size(1));
   p.T = static_cast<int>(q.size(2));
@@ -39,31 +75,77 @@ Params<float> make_params(const Tensor& q, const Tensor& k, const Tensor& v, con
   return p;
 }
 
-// Inputs: contiguous float32 CPU tensors, as the device entry points make them.
-std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
-                                     std::optional<Tensor> lengths, double scale,
-                                     double dropout_p, int64_t seed, bool workspace) {
+// Inputs: contiguous CPU tensors of one dtype (float32 or bfloat16), as the device entry points
+// make them.
+template <typename E>
+std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
+                                          std::optional<Tensor> lengths, double scale,
+                                          double dropout_p, int64_t seed, bool workspace) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  Params<float> p = make_params(q, k, v, ak, av, lengths, scale, dropout_p, seed);
+  Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
   // Poison: every element the kernel should write is NaN until it does.
-  Tensor out = at::full_like(q, NAN), lse = at::full({B, H, T}, NAN, q.options());
-  p.out = out.data_ptr<float>();
+  Tensor out = at::full_like(q, NAN), lse = at::full({B, H, T}, NAN, q.options().dtype(at::kFloat));
+  p.out = ptr<E>(out);
   p.lse_out = lse.data_ptr<float>();
   Tensor work;
   bool in_smem = false;
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
-    using SM = Smem<float, Dv>;
+    using SM = Smem<E, Dv>;
     in_smem = !workspace && SM::fwd(p.Tp, true) <= kDeviceSmem;
     if (!in_smem) {
       work = at::full({B * H * kFwdBuffers * p.Tp * Dv}, NAN, q.options());
-      p.work = work.data_ptr<float>();
+      p.work = ptr<E>(work);
     }
-    pka_emu::launch(pka_fwd_kernel<float, Dv>, static_cast<unsigned>(B * H), kThreads,
+    pka_emu::launch(pka_fwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,
                     SM::fwd(p.Tp, in_smem), p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {out, lse, in_smem};
+}
+
+template <typename E>
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
+    Tensor dout, Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
+    std::optional<Tensor> lengths, Tensor out, Tensor lse, double scale, double dropout_p,
+    int64_t seed, bool workspace) {
+  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
+  Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
+  p.dout = ptr<E>(dout);
+  p.o = ptr<E>(out);
+  p.lse = lse.data_ptr<float>();
+  Tensor dq = at::full_like(q, NAN), dk = at::full_like(q, NAN), dv = at::full_like(q, NAN);
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor dak = at::zeros({p.Hk, T, T}, f32), dav = at::zeros({p.Hv, T, T}, f32);
+  p.dq = ptr<E>(dq);
+  p.dk = ptr<E>(dk);
+  p.dv = ptr<E>(dv);
+  p.dak = dak.data_ptr<float>();
+  p.dav = dav.data_ptr<float>();
+  Tensor work;
+  const bool built = with_head_dim(D, [&](auto Dc) {
+    constexpr int Dv = decltype(Dc)::value;
+    using SM = Smem<E, Dv>;
+    const bool in_smem = !workspace && SM::bwd(p.Tp, true) <= kDeviceSmem;
+    if (!in_smem) {
+      work = at::full({B * H * kBwdBuffers * p.Tp * Dv}, NAN, q.options());
+      p.work = ptr<E>(work);
+    }
+    pka_emu::launch(pka_bwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,
+                    SM::bwd(p.Tp, in_smem), p);
+  });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
+  return {dq, dk, dv, dak.to(q.scalar_type()).view(ak.sizes()),
+          dav.to(q.scalar_type()).view(av.sizes())};
+}
+
+std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
+                                     std::optional<Tensor> lengths, double scale,
+                                     double dropout_p, int64_t seed, bool workspace) {
+  if (q.scalar_type() == at::kBFloat16)
+    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
+  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v,
@@ -71,32 +153,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
                                                        std::optional<Tensor> lengths, Tensor out,
                                                        Tensor lse, double scale, double dropout_p,
                                                        int64_t seed, bool workspace) {
-  const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
-  Params<float> p = make_params(q, k, v, ak, av, lengths, scale, dropout_p, seed);
-  p.dout = dout.data_ptr<float>();
-  p.o = out.data_ptr<float>();
-  p.lse = lse.data_ptr<float>();
-  Tensor dq = at::full_like(q, NAN), dk = at::full_like(q, NAN), dv = at::full_like(q, NAN);
-  Tensor dak = at::zeros({p.Hk, T, T}, q.options()), dav = at::zeros({p.Hv, T, T}, q.options());
-  p.dq = dq.data_ptr<float>();
-  p.dk = dk.data_ptr<float>();
-  p.dv = dv.data_ptr<float>();
-  p.dak = dak.data_ptr<float>();
-  p.dav = dav.data_ptr<float>();
-  Tensor work;
-  const bool built = with_head_dim(D, [&](auto Dc) {
-    constexpr int Dv = decltype(Dc)::value;
-    using SM = Smem<float, Dv>;
-    const bool in_smem = !workspace && SM::bwd(p.Tp, true) <= kDeviceSmem;
-    if (!in_smem) {
-      work = at::full({B * H * kBwdBuffers * p.Tp * Dv}, NAN, q.options());
-      p.work = work.data_ptr<float>();
-    }
-    pka_emu::launch(pka_bwd_kernel<float, Dv>, static_cast<unsigned>(B * H), kThreads,
-                    SM::bwd(p.Tp, in_smem), p);
-  });
-  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
-  return {dq, dk, dv, dak.view(ak.sizes()), dav.view(av.sizes())};
+  if (q.scalar_type() == at::kBFloat16)
+    return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
+                           workspace);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
+  return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
+                         workspace);
 }
 
 // Shared-memory bytes the host would request, for checking the launch plan.
@@ -109,8 +171,8 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
       f = Smem<float, Dv>::fwd(Tp, in_smem);
       b = Smem<float, Dv>::bwd(Tp, in_smem);
     } else {
-      f = Smem<uint16_t, Dv>::fwd(Tp, in_smem);
-      b = Smem<uint16_t, Dv>::bwd(Tp, in_smem);
+      f = Smem<bf16e, Dv>::fwd(Tp, in_smem);
+      b = Smem<bf16e, Dv>::bwd(Tp, in_smem);
     }
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");

@@ -73,9 +73,14 @@ def plot_kernels(model, out_path: str, contexts=None) -> None:
     if not panels:
         raise ValueError("nothing to plot: the model has no kernels and no contexts were given")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    from matplotlib.colors import LogNorm
+
     for ax, (name, mat) in zip(axes[0], panels):
         shown = np.where(np.tril(np.ones_like(mat)) > 0, mat, np.nan)
-        im = ax.imshow(shown, cmap="viridis")
+        # Attention weights span decades (a row over i+1 keys averages 1/(i+1)); a log scale shows
+        # the structure that a linear one hides under the first rows.
+        norm = LogNorm(vmin=max(np.nanmin(shown), 1e-4), vmax=1.0) if "attention" in name else None
+        im = ax.imshow(shown, cmap="viridis", norm=norm)
         ax.set_title(name)
         ax.set_xlabel("key position j")
         ax.set_ylabel("query position i")

@@ -244,7 +244,7 @@ def cmd_report(args) -> None:
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     for dataset, rs in _group(main, lambda r: r["dataset"]).items():
         png = _plot_curves(dataset, rs, args.results)
-        md += [f"Validation NDCG@10 per epoch on {dataset}: `{os.path.basename(png)}`", ""]
+        md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl]
     with open(os.path.join(args.results, "quality.md"), "w") as f:

@@ -28,6 +28,8 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <limits>
+#include <mutex>
+#include <unordered_map>
 
 #include "pka_fused.cuh"
 #include "pka_fused_kernels.cuh"
@@ -61,12 +63,29 @@ struct Native<at::BFloat16> {
   using type = __nv_bfloat16;
 };
 
-size_t smem_limit(const Tensor& q) {
-  int value = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&value, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        q.device().index()));
-  return static_cast<size_t>(value);
+// What the launch plan needs to know about a device, queried once per device rather than on
+// every op call.
+struct DeviceLimits {
+  int major;          // compute capability
+  size_t smem_optin;  // dynamic shared memory a block may opt in to
+};
+
+const DeviceLimits& device_limits(const Tensor& q) {
+  static std::mutex mutex;
+  static std::unordered_map<int, DeviceLimits> cache;  // nodes are stable: references stay valid
+  const int dev = q.device().index();
+  std::lock_guard<std::mutex> lock(mutex);
+  auto it = cache.find(dev);
+  if (it == cache.end()) {
+    int major = 0, smem = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    it = cache.emplace(dev, DeviceLimits{major, static_cast<size_t>(smem)}).first;
+  }
+  return it->second;
 }
+
+size_t smem_limit(const Tensor& q) { return device_limits(q).smem_optin; }
 
 int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
 
@@ -109,10 +128,7 @@ unsigned grid_of(const Dims& d) {
 
 bool fused_supported(const Tensor& q, const Dims& d) {
   const auto t = q.scalar_type();
-  int major = 0;
-  C10_CUDA_CHECK(
-      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index()));
-  if (major < 8) return false;
+  if (device_limits(q).major < 8) return false;
   if (t != at::kHalf && t != at::kBFloat16 && t != at::kFloat) return false;
   if (d.T > (1 << 20)) return false;
   // The per-row arrays of the backward grow with T; beyond the device's shared memory, the

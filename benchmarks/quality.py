@@ -96,6 +96,7 @@ def cells(args) -> list[dict]:
         return out
     datasets, models = TABLES[args.table]
     models = [m for m in models if m in (args.models or models)]
+    datasets = [d for d in datasets if d in (args.datasets or datasets)]
     for dataset in datasets:
         for model in models:
             for seed in args.seeds:
@@ -270,6 +271,8 @@ def main() -> None:
         q.add_argument("--patience", type=int, default=5)
         q.add_argument("--lr", type=float, default=None, help="override every model's learning rate")
         q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
+        q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
+                       help="a subset of the table's data sets")
     a.set_defaults(fn=cmd_adopt)
     for q in (r, s, a):
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")

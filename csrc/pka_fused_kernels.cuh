@@ -1,7 +1,7 @@
-// Device code of the fused kernels, included by pka_fused.cu (nvcc) and, for the float32
-// instantiation only, by the CPU emulation in tests/cuda_emu (plain C++ with a thread-per-lane
-// model of a block), which checks the indexing, masking, tiling and synchronisation logic on
-// machines without a GPU. See pka_fused.cu for the algorithm.
+// Device code of the fused kernels, included by pka_fused.cu (nvcc) and by the CPU emulation in
+// tests/cuda_emu (plain C++ with a thread-per-lane model of a block and of WMMA), which checks the
+// indexing, masking, tiling, alignment and synchronisation logic on machines without a GPU. See
+// pka_fused.cu for the algorithm.
 #pragma once
 
 #include <cmath>
@@ -21,11 +21,9 @@
 namespace pka {
 namespace fused {
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PKA_EMU_WMMA)
 namespace wmma = nvcuda::wmma;
 #endif
-
-
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
@@ -65,7 +63,7 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
 template <typename T>
 struct Mma;
 
-#ifdef __CUDACC__
+#if defined(__CUDACC__) || defined(PKA_EMU_WMMA)
 template <typename T>
 struct Mma {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -90,8 +88,7 @@ struct Mma {
 #endif
 
 // The same interface on CUDA cores, fp32 arithmetic on elements read through to_f: what float32
-// runs on the device (TF32 tensor cores would miss its accuracy), and what the CPU emulation uses
-// in place of WMMA for its 16-bit type. Lane l owns row l / 2, columns 8 (l % 2) ... + 7.
+// runs (TF32 tensor cores would miss its accuracy). Lane l owns row l / 2, columns 8 (l % 2) ... + 7.
 template <typename T>
 struct ScalarMma {
   struct Acc {

@@ -1,11 +1,11 @@
 """The fused CUDA kernels' device code, run on the CPU through a model of CUDA execution.
 
-``tests/cuda_emu`` compiles ``csrc/pka_fused_kernels.cuh`` (float32 instantiation: the same
-indexing, masking, tiling, online softmax, two-pass backward, mixing and atomics as the half types,
-with CUDA-core tile products instead of WMMA) as plain C++: every block runs as 128 threads with
-real barriers for __syncthreads / __syncwarp, shuffles through shared slots, NaN-filled shared
-memory and NaN-poisoned outputs. This checks the kernels on machines without a GPU; the WMMA tile
-product itself and performance need the device (tests/test_cuda_fused.py).
+``tests/cuda_emu`` compiles ``csrc/pka_fused_kernels.cuh`` as plain C++: every block runs as 128
+threads with real barriers for __syncthreads / __syncwarp, shuffles through shared slots, NaN-filled
+shared memory and NaN-poisoned outputs. float32 runs its CUDA-core tile products as on the device;
+a bfloat16 stand-in runs the kernels' WMMA code against a model of the 16x16x16 fragments that
+checks their alignment and leading-dimension rules. This checks the kernels on machines without a
+GPU; the real tensor-core instructions and performance need the device (tests/test_cuda_fused.py).
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-// Runs the fused kernels' device code on the CPU through emu.h, for float32 and for a bfloat16
-// stand-in (bf16e: same bits as torch.bfloat16, round-to-nearest-even) whose tile products use the
-// CUDA-core ScalarMma in place of WMMA, so that the 16-bit element layout of shared memory and the
-// roundings of the half-type path run too. Built by tests/test_fused_emulated.py.
+// Runs the fused kernels' device code on the CPU through emu.h, for float32 (CUDA-core tile
+// products, as on the device) and for a bfloat16 stand-in (bf16e: same bits as torch.bfloat16,
+// round-to-nearest-even) whose tile products go through the kernels' WMMA code on the wmma_emu.h
+// model, so that the 16-bit path runs as compiled for the device: shared-memory layout, fragment
+// alignment, operand layouts and roundings. Built by tests/test_fused_emulated.py.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -9,6 +10,7 @@
 #include <tuple>
 
 #include "emu.h"
+#include "wmma_emu.h"
 // After emu.h, which supplies the CUDA built-ins the device code uses.
 #include "pka_fused_kernels.cuh"
 
@@ -33,9 +35,6 @@ inline bf16e from_f<bf16e>(float x) {
   u += 0x7fffu + ((u >> 16) & 1u);                          // round to nearest even
   return {static_cast<uint16_t>(u >> 16)};
 }
-
-template <>
-struct Mma<bf16e> : ScalarMma<bf16e> {};
 
 }  // namespace pka::fused
 

@@ -1,0 +1,123 @@
+// A CPU model of the slice of nvcuda::wmma the fused kernels use (16x16x16 tiles, fp32
+// accumulator), so that the Mma<T> tile product of csrc/pka_fused_kernels.cuh, not a stand-in, runs
+// in the emulation for 16-bit types.
+//
+// What it models and checks:
+// - the operand layouts: a row_major A fragment reads element (m, k) at p[m * ldm + k], a col_major
+//   one at p[k * ldm + m] (B likewise with (k, n)); accumulators load and store row-major;
+// - WMMA's documented preconditions, which are undefined behaviour on the device when broken:
+//   32-byte aligned pointers, ldm a multiple of 16 bytes' worth of elements (abort otherwise);
+// - that accumulator elements are private to lanes: lane l holds elements l, l + 32, ... of the
+//   tile, a mapping the kernels must not rely on (they only load, store, fill and mma);
+// - no implicit synchronisation: like the device, nothing here orders one lane's shared-memory
+//   writes before another lane's fragment loads; the kernels' own __syncwarp calls must.
+// Products are exact in fp32 and summed in fp32, as tensor cores do up to summation order.
+#pragma once
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstdio>
+#include <type_traits>
+
+#define PKA_EMU_WMMA 1
+
+namespace nvcuda {
+namespace wmma {
+
+struct matrix_a {};
+struct matrix_b {};
+struct accumulator {};
+struct row_major {};
+struct col_major {};
+enum layout_t { mem_row_major, mem_col_major };
+
+namespace detail {
+
+inline void require(bool ok, const char* what) {
+  if (!ok) {
+    std::fprintf(stderr, "wmma emulation: %s\n", what);
+    std::abort();
+  }
+}
+
+template <typename E>
+void check_operand(const E* p, unsigned ldm) {
+  require(reinterpret_cast<std::uintptr_t>(p) % 32 == 0, "pointer not 32-byte aligned");
+  require((ldm * sizeof(E)) % 16 == 0, "ldm not a multiple of 16 bytes");
+}
+
+inline unsigned lane() { return threadIdx.x % 32; }
+
+}  // namespace detail
+
+template <typename Use, int M, int N, int K, typename T, typename Layout = void>
+struct fragment;
+
+// Operand fragments: every lane keeps the whole tile. Elements convert to float through the
+// kernels' to_f, found by argument-dependent lookup for the emulation's 16-bit type.
+template <typename T, typename Layout>
+struct fragment<matrix_a, 16, 16, 16, T, Layout> {
+  T x[16][16];  // [m][k]
+};
+template <typename T, typename Layout>
+struct fragment<matrix_b, 16, 16, 16, T, Layout> {
+  T x[16][16];  // [k][n]
+};
+template <>
+struct fragment<accumulator, 16, 16, 16, float, void> {
+  float x[8];  // tile elements lane(), lane() + 32, ... in row-major order
+};
+
+template <typename T, typename Layout>
+void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  detail::check_operand(p, ldm);
+  constexpr bool col = std::is_same_v<Layout, col_major>;
+  for (int m = 0; m < 16; ++m)
+    for (int k = 0; k < 16; ++k) f.x[m][k] = col ? p[k * ldm + m] : p[m * ldm + k];
+}
+
+template <typename T, typename Layout>
+void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+  detail::check_operand(p, ldm);
+  constexpr bool col = std::is_same_v<Layout, col_major>;
+  for (int k = 0; k < 16; ++k)
+    for (int n = 0; n < 16; ++n) f.x[k][n] = col ? p[n * ldm + k] : p[k * ldm + n];
+}
+
+using Acc = fragment<accumulator, 16, 16, 16, float, void>;
+
+inline void fill_fragment(Acc& c, float v) {
+  for (float& e : c.x) e = v;
+}
+
+inline void load_matrix_sync(Acc& c, const float* p, unsigned ldm, layout_t layout) {
+  detail::check_operand(p, ldm);
+  detail::require(layout == mem_row_major, "only row-major accumulators are modelled");
+  for (int i = 0; i < 8; ++i) {
+    const unsigned e = detail::lane() + 32 * i;
+    c.x[i] = p[(e / 16) * ldm + e % 16];
+  }
+}
+
+inline void store_matrix_sync(float* p, const Acc& c, unsigned ldm, layout_t layout) {
+  detail::check_operand(p, ldm);
+  detail::require(layout == mem_row_major, "only row-major accumulators are modelled");
+  for (int i = 0; i < 8; ++i) {
+    const unsigned e = detail::lane() + 32 * i;
+    p[(e / 16) * ldm + e % 16] = c.x[i];
+  }
+}
+
+template <typename T, typename LA, typename LB>
+void mma_sync(Acc& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
+              const fragment<matrix_b, 16, 16, 16, T, LB>& b, const Acc& c) {
+  for (int i = 0; i < 8; ++i) {
+    const unsigned e = detail::lane() + 32 * i, m = e / 16, n = e % 16;
+    float s = c.x[i];
+    for (int k = 0; k < 16; ++k) s += to_f(a.x[m][k]) * to_f(b.x[k][n]);
+    d.x[i] = s;
+  }
+}
+
+}  // namespace wmma
+}  // namespace nvcuda

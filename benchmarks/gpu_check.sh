@@ -10,7 +10,7 @@ RESULTS=${1:-${OUT:-benchmarks/results/gpu_check}}
 mkdir -p "$RESULTS"
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PKA_REQUIRE_CUDA=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
-PY=${PYTHON:-python}
+PY=${PYTHON:-python3}  # the device image has python3 (holding torch), not necessarily python
 SAN=${COMPUTE_SANITIZER:-compute-sanitizer}
 : > "$RESULTS/summary.txt"
 

@@ -3,14 +3,19 @@
     python benchmarks/bench_train_step.py            # B=128, T=50, D=128, 2 blocks, 12,101 items
 
 Batches are random item sequences with lengths uniform in [1, T]; median of --repeats steps after
-warm-up, all models in one process with the same thread count.
+warm-up, all models in one process with the same thread count. A second set of --repeats steps is
+timed phase by phase (backbone forward, full-catalogue scores + loss, backward, optimiser step; with a
+device synchronisation at each boundary on CUDA) for the step-time breakdown; its medians need not
+add up exactly to the whole-step median.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
+import time
 
 import numpy as np
 import torch
@@ -20,7 +25,39 @@ from common import describe, machine_info, median_time, write_results  # noqa: E
 
 from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
 from pka_ext.rec.models import SeqRecModel  # noqa: E402
-from pka_ext.rec.train import make_optimizer, next_item_loss  # noqa: E402
+from pka_ext.rec.train import head_loss, make_optimizer, next_item_loss  # noqa: E402
+
+
+PHASES = ("backbone", "scores + loss", "backward", "optimizer")
+
+
+def phase_times(model, opt, x, y, cfg, args) -> dict[str, float]:
+    """Median milliseconds of each phase of a training step over --repeats steps."""
+    cuda = args.device.startswith("cuda")
+    samples = {k: [] for k in PHASES}
+    for i in range(args.repeats + 2):  # the first two are warm-up
+        marks = []
+
+        def mark():
+            if cuda:
+                torch.cuda.synchronize()
+            marks.append(time.perf_counter())
+
+        mark()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+            h = model(x)
+            mark()
+            loss = head_loss(model, h, y, cfg, args.items) / (y != 0).sum()
+        mark()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        mark()
+        opt.step()
+        mark()
+        if i >= 2:
+            for k, t0, t1 in zip(PHASES, marks, marks[1:]):
+                samples[k].append(1e3 * (t1 - t0))
+    return {k: statistics.median(v) for k, v in samples.items()}
 
 
 def main():
@@ -45,7 +82,7 @@ def main():
     x = torch.from_numpy(seqs[:, :-1]).to(args.device)
     y = torch.from_numpy(seqs[:, 1:]).to(args.device)
     cfg = TrainConfig(device=args.device)
-    rows = {}
+    rows, phases = {}, {}
     for name in ("psa", "sasrec", "nope", "rope"):
         torch.manual_seed(0)
         model = SeqRecModel(ModelConfig(model=name, num_items=args.items, hidden=args.hidden,
@@ -63,7 +100,9 @@ def main():
                 torch.cuda.synchronize()
 
         rows[name] = 1e3 * median_time(step, repeats=args.repeats, warmup=3)
-        print(f"{name}: {rows[name]:.1f} ms/step", flush=True)
+        phases[name] = phase_times(model, opt, x, y, cfg, args)
+        print(f"{name}: {rows[name]:.1f} ms/step; "
+              + ", ".join(f"{k} {v:.1f}" for k, v in phases[name].items()), flush=True)
     info = machine_info()
     ratio = rows["psa"] / rows["sasrec"]
     md = [
@@ -79,9 +118,16 @@ def main():
         *[f"| {n} | {t:.1f} | {t / rows['sasrec']:.2f}x |" for n, t in rows.items()],
         "",
         f"psa / sasrec step-time ratio: **{ratio:.2f}** (target <= 1.10).",
+        "",
+        "Step-time breakdown (ms, median per phase over a separate set of steps):",
+        "",
+        "| model | " + " | ".join(PHASES) + " |",
+        "|---|" + "---|" * len(PHASES),
+        *[f"| {n} | " + " | ".join(f"{p[k]:.1f}" for k in PHASES) + " |" for n, p in phases.items()],
     ]
     write_results(f"train_step_{args.device.split(':')[0]}{'_amp' if args.amp else ''}",
-                  {"machine": info, "args": vars(args), "ms_per_step": rows, "psa_over_sasrec": ratio},
+                  {"machine": info, "args": vars(args), "ms_per_step": rows, "psa_over_sasrec": ratio,
+                   "phase_ms": phases},
                   "\n".join(md) + "\n", args.out)
     print("\n".join(md))
 

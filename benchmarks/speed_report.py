@@ -81,12 +81,21 @@ def train_section(step, epoch) -> list[str]:
                "| model | ms / step | vs sasrec |", "|---|---|---|"]
         base = step["ms_per_step"]["sasrec"]
         md += [f"| {m} | {t:.1f} | {t / base:.2f}x |" for m, t in step["ms_per_step"].items()]
+        phases = step["phase_ms"]
+        names, kinds = list(phases), list(next(iter(phases.values())))
+        md += ["", "Step-time breakdown, ms (median per phase over a separate set of steps):", "",
+               "| model | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+        md += [f"| {n} | " + " | ".join(f"{phases[n][k]:.1f}" for k in kinds) + " |" for n in names]
         plt = _pyplot()
-        fig, ax = plt.subplots(figsize=(5, 3.2))
-        names = list(step["ms_per_step"])
-        ax.bar(names, [step["ms_per_step"][n] for n in names], color="tab:blue")
+        fig, ax = plt.subplots(figsize=(6.5, 3.4))
+        bottom = [0.0] * len(names)
+        for k in kinds:
+            vals = [phases[n][k] for n in names]
+            ax.bar(names, vals, bottom=bottom, label=k)
+            bottom = [b + v for b, v in zip(bottom, vals)]
         ax.set_ylabel("ms / training step")
         ax.set_title(f"CPU training step, B={a['batch']}, T={a['max_len']}, D={a['hidden']}")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         fig.tight_layout()
         fig.savefig(os.path.join(RESULTS, "speed_train_step_cpu.png"), dpi=110)
         plt.close(fig)

@@ -28,14 +28,19 @@ def training_arrays(train_seqs, max_len: int) -> tuple[np.ndarray, np.ndarray]:
 
 def next_item_loss(net, inputs: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig,
                    num_items: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Summed cross-entropy over the real (target != 0) positions.
+    """Summed cross-entropy over the real (target != 0) positions: backbone, then :func:`head_loss`."""
+    h = net(inputs)  # [B, T, D]; through DDP's forward so that its gradient hooks are armed
+    return head_loss(getattr(net, "module", net), h, targets, cfg, num_items, generator)
+
+
+def head_loss(model, h: torch.Tensor, targets: torch.Tensor, cfg: TrainConfig, num_items: int,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Summed cross-entropy of the backbone states ``h`` [B, T, D] at the real positions.
 
     Logits are computed only at those positions ([n_real, N + 1], never [B, T, N + 1]).
     ``cfg.loss == "sampled"``: softmax over the target and ``cfg.num_negatives`` items drawn
     uniformly (shared by the batch); a negative equal to the target is masked out.
     """
-    model = getattr(net, "module", net)  # unwrapped from DDP for the scoring head
-    h = net(inputs)  # [B, T, D]; through DDP's forward so that its gradient hooks are armed
     real = targets != 0
     hs, y = h[real], targets[real]  # [n, D], [n]
     emb = model.item_emb.weight

@@ -8,19 +8,23 @@ rerun; delete the claim file of a failed or interrupted cell to run it again.
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
     python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
+    python benchmarks/quality.py run --table tune --seeds 0          # the other learning rate(s) on ml-100k
     python benchmarks/quality.py adopt --table small ...             # record cells whose runner was stopped
     python benchmarks/quality.py report                              # -> benchmarks/results/quality.{md,json}
 
 Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
 size, learning rate per model; one head, dropout 0.3, full cross-entropy), used unchanged on every
-data set: there is no per-data-set grid, so every model gets the same budget and nothing is selected
-on test. ``--lr`` overrides the learning rate of every model (stated in the report when used).
+data set. ``--lr`` overrides the learning rate of every model (stated in the report when used). The
+``tune`` table is the learning-rate grid (``TUNE_LRS``) for data sets without published
+configurations: its cells hold the learning rates the main table did not run, and the report picks
+each model's learning rate by seed-0 validation NDCG@10 only (same grid for every model; never test).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -68,13 +72,15 @@ ABLATIONS = [
     ("+ absolute positional embeddings", ["--add-positional-embedding"]),
 ]
 ABLATION_DATASET = "ml-100k"
+# Learning-rate grid of the "tune" table (the main table's runs supply the rate they used).
+TUNE_LRS = (3e-4, 1e-3)
 
 
-def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=()) -> list[str]:
+def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), lr=None) -> list[str]:
     file, fmt, protocol, max_len = DATASETS[dataset]
     hp = dict(PAPER[model])
-    if args.lr is not None:
-        hp["lr"] = args.lr
+    if lr is not None or args.lr is not None:
+        hp["lr"] = lr if lr is not None else args.lr
     return [sys.executable, "-m", "pka_ext.rec", "train", "--data", os.path.join(DATA, file),
             "--format", fmt, "--protocol", protocol, "--name", dataset, "--model", model,
             "--seed", str(seed), "--max-len", str(max_len), "--hidden", str(hp["hidden"]),
@@ -93,6 +99,19 @@ def cells(args) -> list[dict]:
                 out.append(dict(table="ablation", dataset=ABLATION_DATASET, model="psa", variant=name,
                                 seed=seed, dir=d,
                                 cmd=cell_command(ABLATION_DATASET, "psa", seed, d, args, extra)))
+        return out
+    if args.table == "tune":
+        models = [m for m in MODELS if m in (args.models or MODELS)]
+        for dataset in args.datasets or [ABLATION_DATASET]:
+            for model in models:
+                for lr in TUNE_LRS:
+                    if args.lr is not None and math.isclose(lr, args.lr):
+                        continue  # the main table's cells, run with --lr
+                    for seed in args.seeds:
+                        d = os.path.join(args.out, "tune", dataset, model, f"lr{lr:g}", f"seed{seed}")
+                        out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}",
+                                        seed=seed, dir=d,
+                                        cmd=cell_command(dataset, model, seed, d, args, lr=lr)))
         return out
     datasets, models = TABLES[args.table]
     models = [m for m in models if m in (args.models or models)]
@@ -162,6 +181,7 @@ def _collect(root: str) -> list[dict]:
             rows.append(cell | {"test": m["test"], "val": m["val"], "best_epoch": m["best_epoch"],
                                 "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
                                 "max_epochs": m["config"]["train"]["epochs"],
+                                "lr": m["config"]["train"]["lr"],
                                 "val_curve": [h["val_ndcg@10"] for h in history]})
     return rows
 
@@ -192,6 +212,41 @@ def _table(groups, label) -> list[str]:
             f"{', '.join(str(r['best_epoch']) for r in rs)}{' (cap)' if capped else ''} | "
             f"{', '.join(str(r['epochs_run']) for r in rs)} |")
     return lines
+
+
+def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
+    """Per data set and model: each learning rate's seed-0 validation NDCG@10, the rate it selects
+    and the test metrics of every seed run at each rate."""
+    md = ["## Learning-rate selection (validation only)", "",
+          f"Grid {', '.join(f'{lr:g}' for lr in TUNE_LRS)} for every model, the rest of the "
+          "configuration as in the main table. Each model's rate is the one with the higher "
+          "validation NDCG@10 of its seed-0 run (the epoch early stopping chose); test numbers are "
+          "shown for every rate but never used to choose.", ""]
+    for dataset in dict.fromkeys(r["dataset"] for r in tune):
+        md += [f"### {dataset}", "",
+               "| model | lr | seeds | val NDCG@10 (seed 0) | test NDCG@10 | test HR@10 | selected |",
+               "|---|---|---|---|---|---|---|"]
+        chosen = {}
+        for model in MODELS:
+            by_lr = _group(sorted((r for r in main + tune if r["dataset"] == dataset and r["model"] == model),
+                                  key=lambda r: (r["lr"], r["seed"])), lambda r: r["lr"])
+            val0 = {lr: next((r["val"]["ndcg@10"] for r in rs if r["seed"] == 0), None)
+                    for lr, rs in by_lr.items()}
+            ranked = [lr for lr in val0 if val0[lr] is not None]
+            best = max(ranked, key=lambda lr: val0[lr]) if len(ranked) == len(TUNE_LRS) else None
+            for lr, rs in by_lr.items():
+                md.append(f"| {model} | {lr:g} | {len(rs)} | "
+                          f"{'-' if val0[lr] is None else f'{val0[lr]:.4f}'} | "
+                          f"{_mean_std([r['test']['ndcg@10'] for r in rs])} | "
+                          f"{_mean_std([r['test']['hr@10'] for r in rs])} | {'yes' if lr == best else ''} |")
+            if best is not None:
+                chosen[model] = by_lr[best]
+        md += [""]
+        if chosen:
+            md += ["Each model at its selected rate, test NDCG@10: " + "; ".join(
+                f"{m} {_mean_std([r['test']['ndcg@10'] for r in rs])} ({len(rs)} seed{'s' * (len(rs) > 1)})"
+                for m, rs in chosen.items()) + ".", ""]
+    return md
 
 
 def _plot_curves(dataset: str, rows: list[dict], results: str) -> str:
@@ -227,6 +282,8 @@ def cmd_report(args) -> None:
                   key=lambda r: (list(DATASETS).index(r["dataset"]), MODELS.index(r["model"]), r["seed"]))
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
+    tune = sorted((r for r in rows if r["table"] == "tune"),
+                  key=lambda r: (r["dataset"], MODELS.index(r["model"]), r["lr"], r["seed"]))
     md = ["# Quality study: PSA vs positional baselines", "",
           f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
           f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
@@ -243,15 +300,17 @@ def cmd_report(args) -> None:
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
+    if tune:
+        md += _tune_section(main, tune)
     for dataset, rs in _group(main, lambda r: r["dataset"]).items():
         png = _plot_curves(dataset, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
-    md += [f"- `{r['command']}`" for r in main + abl]
+    md += [f"- `{r['command']}`" for r in main + abl + tune]
     with open(os.path.join(args.results, "quality.md"), "w") as f:
         f.write("\n".join(md) + "\n")
     with open(os.path.join(args.results, "quality.json"), "w") as f:
-        json.dump({"environment": env, "cells": main + abl}, f, indent=1)
+        json.dump({"environment": env, "cells": main + abl + tune}, f, indent=1)
     print("\n".join(md))
 
 
@@ -265,11 +324,12 @@ def main() -> None:
     s = sub.add_parser("report")
     s.set_defaults(fn=cmd_report)
     for q in (r, a):
-        q.add_argument("--table", required=True, choices=sorted(TABLES) + ["ablation"])
+        q.add_argument("--table", required=True, choices=sorted(TABLES) + ["ablation", "tune"])
         q.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
         q.add_argument("--epochs", type=int, default=200, help="epoch cap (early stopping ends runs sooner)")
         q.add_argument("--patience", type=int, default=5)
-        q.add_argument("--lr", type=float, default=None, help="override every model's learning rate")
+        q.add_argument("--lr", type=float, default=None,
+                       help="override every model's learning rate (tune: the rate the main table used)")
         q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
         q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
                        help="a subset of the table's data sets")

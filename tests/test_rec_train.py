@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from pka_ext.rec.cli import main as cli_main
 from pka_ext.rec.config import ModelConfig, RunConfig, TrainConfig
-from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics
+from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics, score_contexts
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import EvalSet
 from pka_ext.rec.recommender import Recommender
@@ -70,6 +70,26 @@ def test_evaluate_excludes_context_but_keeps_repeated_target():
     assert m["ndcg@1"] == pytest.approx(1 / 3)
     assert m["cov@1"] == pytest.approx(3 / 5)  # top-1 lists: {3}, {1}, {2}
     assert m["events"] == 3
+
+
+@pytest.mark.parametrize("name", ["psa", "sasrec", "nope", "rope"])
+def test_score_contexts_trimmed_batches_equal_full_width(name):
+    """Length-ordered batches padded to their longest history score like max_len-wide padding."""
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(model=name, num_items=40, hidden=16, num_blocks=2, num_heads=2,
+                                    max_len=12, dropout=0.3)).eval()
+    rng = np.random.default_rng(0)
+    contexts = [rng.integers(1, 41, n) for n in (3, 0, 12, 1, 20, 7, 3, 5, 12, 2)]
+    with torch.no_grad():
+        full = model.scores(model.encode(torch.from_numpy(pad_left(contexts, 12)))[:, -1])
+    seen = []
+    for rows, s in score_contexts(model, contexts, "cpu", batch_size=3, exclude=[[]] * len(contexts)):
+        assert s.shape[0] == len(rows) <= 3
+        ref = full[torch.as_tensor(rows)].clone()
+        ref[:, 0] = -math.inf
+        torch.testing.assert_close(s, ref, rtol=1e-5, atol=1e-5)
+        seen.extend(rows.tolist())
+    assert sorted(seen) == list(range(len(contexts)))
 
 
 def test_pad_left_truncates_to_most_recent():

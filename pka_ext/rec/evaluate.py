@@ -37,23 +37,31 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
 
 @torch.no_grad()
 def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None, keep=None):
-    """Yields (row slice, scores [n, N + 1]) for histories; padding and, per row, the items of
-    ``exclude[row]`` (default: the full history) get -inf, except ``keep[row]`` if given."""
+    """Yields (row indices, scores [n, N + 1]) for histories; padding and, per row, the items of
+    ``exclude[row]`` (default: the full history) get -inf, except ``keep[row]`` if given.
+
+    Histories are batched in order of length and each batch is padded only to its longest history:
+    the models align the most recent item with the last position whatever the width, so this is
+    exact, and most histories are far shorter than ``max_len``. Rows come back in that order.
+    """
     max_len = model.cfg.max_len
+    lengths = np.array([min(len(c), max_len) for c in contexts], dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
     for start in range(0, len(contexts), batch_size):
-        ctx = contexts[start:start + batch_size]
-        seqs = torch.from_numpy(pad_left(ctx, max_len)).to(device)
+        idx = order[start:start + batch_size]
+        ctx = [contexts[i] for i in idx]
+        seqs = torch.from_numpy(pad_left(ctx, max(1, int(lengths[idx].max())))).to(device)
         s = model.scores(model.encode(seqs)[:, -1]).float()  # [n, N + 1]
-        kept = None if keep is None else torch.as_tensor(keep[start:start + len(ctx)], device=device)
+        kept = None if keep is None else torch.as_tensor(np.asarray(keep)[idx], device=device)
         kept_scores = None if kept is None else s.gather(1, kept[:, None])
-        ex = ctx if exclude is None else exclude[start:start + len(ctx)]
+        ex = ctx if exclude is None else [exclude[i] for i in idx]
         rows = np.concatenate([np.full(len(c), r) for r, c in enumerate(ex)] + [np.zeros(0, int)])
         cols = np.concatenate([np.asarray(c, dtype=np.int64) for c in ex] + [np.zeros(0, int)])
         s[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf
         s[:, 0] = -math.inf
         if kept is not None:
             s.scatter_(1, kept[:, None], kept_scores)
-        yield slice(start, start + len(ctx)), s
+        yield idx, s
 
 
 @torch.no_grad()

@@ -89,7 +89,8 @@ class Recommender:
                 warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: {unknown[:5]}")
             contexts.append(enc)
         exclude = contexts if exclude_seen else [np.zeros(0, np.int64)] * len(contexts)
-        out = []
-        for _, s in score_contexts(self.model, contexts, self.device, batch_size, exclude=exclude):
-            out.extend(self.vocab.decode(row) for row in s.topk(k, dim=1).indices.cpu().numpy())
+        out = [None] * len(contexts)
+        for rows, s in score_contexts(self.model, contexts, self.device, batch_size, exclude=exclude):
+            for r, top in zip(rows, s.topk(k, dim=1).indices.cpu().numpy()):
+                out[r] = self.vocab.decode(top)
         return out[0] if single else out

@@ -73,7 +73,7 @@ ABLATIONS = [
 ]
 ABLATION_DATASET = "ml-100k"
 # Learning-rate grid of the "tune" table (the main table's runs supply the rate they used).
-TUNE_LRS = (3e-4, 1e-3)
+TUNE_LRS = (3e-4, 1e-3, 3e-3)
 
 
 def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), lr=None) -> list[str]:

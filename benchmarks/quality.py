@@ -219,7 +219,7 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
     and the test metrics of every seed run at each rate."""
     md = ["## Learning-rate selection (validation only)", "",
           f"Grid {', '.join(f'{lr:g}' for lr in TUNE_LRS)} for every model, the rest of the "
-          "configuration as in the main table. Each model's rate is the one with the higher "
+          "configuration as in the main table. Each model's rate is the one with the highest "
           "validation NDCG@10 of its seed-0 run (the epoch early stopping chose); test numbers are "
           "shown for every rate but never used to choose.", ""]
     for dataset in dict.fromkeys(r["dataset"] for r in tune):

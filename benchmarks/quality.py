@@ -9,6 +9,7 @@ rerun; delete the claim file of a failed or interrupted cell to run it again.
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
     python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
     python benchmarks/quality.py run --table tune --seeds 0          # the other learning rate(s) on ml-100k
+    python benchmarks/quality.py run --table tune --seeds 1 2 --models psa --grid-lr 3e-3   # selected: more seeds
     python benchmarks/quality.py adopt --table small ...             # record cells whose runner was stopped
     python benchmarks/quality.py report                              # -> benchmarks/results/quality.{md,json}
 
@@ -107,6 +108,8 @@ def cells(args) -> list[dict]:
                 for lr in TUNE_LRS:
                     if args.lr is not None and math.isclose(lr, args.lr):
                         continue  # the main table's cells, run with --lr
+                    if args.grid_lr and not any(math.isclose(lr, g) for g in args.grid_lr):
+                        continue
                     for seed in args.seeds:
                         d = os.path.join(args.out, "tune", dataset, model, f"lr{lr:g}", f"seed{seed}")
                         out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}",
@@ -333,6 +336,8 @@ def main() -> None:
         q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
         q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
                        help="a subset of the table's data sets")
+        q.add_argument("--grid-lr", type=float, nargs="+", default=None,
+                       help="tune: only these learning rates of the grid (e.g. the selected ones, for more seeds)")
     a.set_defaults(fn=cmd_adopt)
     for q in (r, s, a):
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")

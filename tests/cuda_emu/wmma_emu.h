@@ -53,35 +53,28 @@ inline unsigned lane() { return threadIdx.x % 32; }
 template <typename Use, int M, int N, int K, typename T, typename Layout = void>
 struct fragment;
 
-// Operand fragments: every lane keeps the whole tile. Elements convert to float through the
-// kernels' to_f, found by argument-dependent lookup for the emulation's 16-bit type.
-template <typename T, typename Layout>
-struct fragment<matrix_a, 16, 16, 16, T, Layout> {
-  T x[16][16];  // [m][k]
+// Operand fragments (A: [m][k], B: [k][n]): every lane keeps the whole tile. Elements convert to
+// float through the kernels' to_f, found by argument-dependent lookup for the emulation's 16-bit type.
+template <typename Use, typename T, typename Layout>
+struct operand {
+  T x[16][16];
 };
 template <typename T, typename Layout>
-struct fragment<matrix_b, 16, 16, 16, T, Layout> {
-  T x[16][16];  // [k][n]
-};
+struct fragment<matrix_a, 16, 16, 16, T, Layout> : operand<matrix_a, T, Layout> {};
+template <typename T, typename Layout>
+struct fragment<matrix_b, 16, 16, 16, T, Layout> : operand<matrix_b, T, Layout> {};
 template <>
 struct fragment<accumulator, 16, 16, 16, float, void> {
   float x[8];  // tile elements lane(), lane() + 32, ... in row-major order
 };
 
-template <typename T, typename Layout>
-void load_matrix_sync(fragment<matrix_a, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
+// Element (r, c) of the tile at p[r * ldm + c] (row_major) or p[c * ldm + r] (col_major).
+template <typename Use, typename T, typename Layout>
+void load_matrix_sync(operand<Use, T, Layout>& f, const T* p, unsigned ldm) {
   detail::check_operand(p, ldm);
   constexpr bool col = std::is_same_v<Layout, col_major>;
-  for (int m = 0; m < 16; ++m)
-    for (int k = 0; k < 16; ++k) f.x[m][k] = col ? p[k * ldm + m] : p[m * ldm + k];
-}
-
-template <typename T, typename Layout>
-void load_matrix_sync(fragment<matrix_b, 16, 16, 16, T, Layout>& f, const T* p, unsigned ldm) {
-  detail::check_operand(p, ldm);
-  constexpr bool col = std::is_same_v<Layout, col_major>;
-  for (int k = 0; k < 16; ++k)
-    for (int n = 0; n < 16; ++n) f.x[k][n] = col ? p[n * ldm + k] : p[k * ldm + n];
+  for (int r = 0; r < 16; ++r)
+    for (int c = 0; c < 16; ++c) f.x[r][c] = col ? p[c * ldm + r] : p[r * ldm + c];
 }
 
 using Acc = fragment<accumulator, 16, 16, 16, float, void>;

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import socket
 import subprocess
 import sys
 
@@ -187,12 +188,19 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert m["epochs_run"] == 3
 
 
+def free_port() -> int:
+    """A port nothing listens on now (a fixed or pid-derived one can collide between runs)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 @pytest.mark.parametrize("model", ["psa", "sasrec"])
 def test_ddp_two_gloo_processes_match_single_process(tmp_path, model):
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([TESTS, os.path.dirname(TESTS)]),
                MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(29500 + os.getpid() % 1000),
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
            os.path.join(TESTS, "ddp_worker.py"), model, str(tmp_path)]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]

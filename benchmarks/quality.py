@@ -24,6 +24,7 @@ each model's learning rate by seed-0 validation NDCG@10 only (same grid for ever
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import os
@@ -103,18 +104,14 @@ def cells(args) -> list[dict]:
         return out
     if args.table == "tune":
         models = [m for m in MODELS if m in (args.models or MODELS)]
-        for dataset in args.datasets or [ABLATION_DATASET]:
-            for model in models:
-                for lr in TUNE_LRS:
-                    if args.lr is not None and math.isclose(lr, args.lr):
-                        continue  # the main table's cells, run with --lr
-                    if args.grid_lr and not any(math.isclose(lr, g) for g in args.grid_lr):
-                        continue
-                    for seed in args.seeds:
-                        d = os.path.join(args.out, "tune", dataset, model, f"lr{lr:g}", f"seed{seed}")
-                        out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}",
-                                        seed=seed, dir=d,
-                                        cmd=cell_command(dataset, model, seed, d, args, lr=lr)))
+        lrs = [lr for lr in TUNE_LRS
+               if not (args.lr is not None and math.isclose(lr, args.lr))  # the main table ran it
+               and (not args.grid_lr or any(math.isclose(lr, g) for g in args.grid_lr))]
+        for dataset, model, lr, seed in itertools.product(args.datasets or [ABLATION_DATASET], models,
+                                                          lrs, args.seeds):
+            d = os.path.join(args.out, "tune", dataset, model, f"lr{lr:g}", f"seed{seed}")
+            out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}", seed=seed,
+                            dir=d, cmd=cell_command(dataset, model, seed, d, args, lr=lr)))
         return out
     datasets, models = TABLES[args.table]
     models = [m for m in models if m in (args.models or models)]

@@ -87,10 +87,10 @@ struct Mma {
 };
 #endif
 
-// The same interface on CUDA cores, fp32 arithmetic on elements read through to_f: what float32
-// runs (TF32 tensor cores would miss its accuracy). Lane l owns row l / 2, columns 8 (l % 2) ... + 7.
-template <typename T>
-struct ScalarMma {
+// float32: the same interface on CUDA cores (TF32 tensor cores would miss its accuracy). Lane l
+// owns row l / 2, columns 8 (l % 2) ... + 7.
+template <>
+struct Mma<float> {
   struct Acc {
     float x[8];
   };
@@ -109,20 +109,16 @@ struct ScalarMma {
     for (int e = 0; e < 8; ++e) p[row() * ld + col0() + e] = c.x[e];
   }
   template <bool AT, bool BT>
-  __device__ static void mma(Acc& c, const T* a, int lda, const T* b, int ldb) {
+  __device__ static void mma(Acc& c, const float* a, int lda, const float* b, int ldb) {
     const int r = row(), c0 = col0();
 #pragma unroll 4
     for (int kk = 0; kk < 16; ++kk) {
-      const float av = to_f(AT ? a[kk * lda + r] : a[r * lda + kk]);
+      const float av = AT ? a[kk * lda + r] : a[r * lda + kk];
 #pragma unroll
-      for (int e = 0; e < 8; ++e)
-        c.x[e] += av * to_f(BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
+      for (int e = 0; e < 8; ++e) c.x[e] += av * (BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
     }
   }
 };
-
-template <>
-struct Mma<float> : ScalarMma<float> {};
 
 template <typename E>
 struct Params {

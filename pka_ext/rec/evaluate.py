@@ -47,12 +47,13 @@ def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None,
     max_len = model.cfg.max_len
     lengths = np.array([min(len(c), max_len) for c in contexts], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
+    keep = None if keep is None else np.asarray(keep)
     for start in range(0, len(contexts), batch_size):
         idx = order[start:start + batch_size]
         ctx = [contexts[i] for i in idx]
         seqs = torch.from_numpy(pad_left(ctx, max(1, int(lengths[idx].max())))).to(device)
         s = model.scores(model.encode(seqs)[:, -1]).float()  # [n, N + 1]
-        kept = None if keep is None else torch.as_tensor(np.asarray(keep)[idx], device=device)
+        kept = None if keep is None else torch.as_tensor(keep[idx], device=device)
         kept_scores = None if kept is None else s.gather(1, kept[:, None])
         ex = ctx if exclude is None else [exclude[i] for i in idx]
         rows = np.concatenate([np.full(len(c), r) for r, c in enumerate(ex)] + [np.zeros(0, int)])

@@ -1,5 +1,5 @@
 // A CPU model of the CUDA execution the fused kernels rely on, so that their device code
-// (csrc/pka_fused_kernels.cuh, float32 instantiation) can run and be tested without a GPU.
+// (csrc/pka_fused_kernels.cuh; WMMA through wmma_emu.h) can run and be tested without a GPU.
 //
 // Each block runs as kThreads std::threads sharing one "shared memory" buffer (filled with NaN
 // bytes first, so reading anything not written shows up); __syncthreads is a barrier over the

@@ -7,6 +7,7 @@ rerun; delete the claim file of a failed or interrupted cell to run it again.
 
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
+    python benchmarks/quality.py run --table small --max-len 128     # the paper's context length
     python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
     python benchmarks/quality.py run --table tune --seeds 0          # the other learning rate(s) on ml-100k
     python benchmarks/quality.py run --table tune --seeds 1 2 --models psa --grid-lr 3e-3   # selected: more seeds
@@ -15,7 +16,9 @@ rerun; delete the claim file of a failed or interrupted cell to run it again.
 
 Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
 size, learning rate per model; one head, dropout 0.3, full cross-entropy), used unchanged on every
-data set. ``--lr`` overrides the learning rate of every model (stated in the report when used). The
+data set. ``--lr`` overrides the learning rate of every model (stated in the report when used);
+``--max-len`` overrides the data sets' context length (50 by default), and its cells form their own
+tables (folders ``main/<data set>-len<N>``). The
 ``tune`` table is the learning-rate grid (``TUNE_LRS``) for data sets without published
 configurations: its cells hold the learning rates the main table did not run, and the report picks
 each model's learning rate by seed-0 validation NDCG@10 only (same grid for every model; never test).
@@ -78,8 +81,13 @@ ABLATION_DATASET = "ml-100k"
 TUNE_LRS = (3e-4, 1e-3, 3e-3)
 
 
+def cell_max_len(dataset: str, args) -> int:
+    return args.max_len or DATASETS[dataset][3]
+
+
 def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), lr=None) -> list[str]:
-    file, fmt, protocol, max_len = DATASETS[dataset]
+    file, fmt, protocol, _ = DATASETS[dataset]
+    max_len = cell_max_len(dataset, args)
     hp = dict(PAPER[model])
     if lr is not None or args.lr is not None:
         hp["lr"] = lr if lr is not None else args.lr
@@ -93,6 +101,8 @@ def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), 
 
 
 def cells(args) -> list[dict]:
+    if args.max_len is not None and args.table in ("ablation", "tune"):
+        raise SystemExit(f"--max-len applies to the main tables, not to --table {args.table}")
     out = []
     if args.table == "ablation":
         for i, (name, extra) in enumerate(ABLATIONS):
@@ -117,9 +127,11 @@ def cells(args) -> list[dict]:
     models = [m for m in models if m in (args.models or models)]
     datasets = [d for d in datasets if d in (args.datasets or datasets)]
     for dataset in datasets:
+        folder = dataset if cell_max_len(dataset, args) == DATASETS[dataset][3] else \
+            f"{dataset}-len{cell_max_len(dataset, args)}"
         for model in models:
             for seed in args.seeds:
-                d = os.path.join(args.out, "main", dataset, model, f"seed{seed}")
+                d = os.path.join(args.out, "main", folder, model, f"seed{seed}")
                 out.append(dict(table="main", dataset=dataset, model=model, variant=None, seed=seed,
                                 dir=d, cmd=cell_command(dataset, model, seed, d, args)))
     return out
@@ -182,6 +194,7 @@ def _collect(root: str) -> list[dict]:
                                 "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
                                 "max_epochs": m["config"]["train"]["epochs"],
                                 "lr": m["config"]["train"]["lr"],
+                                "max_len": m["config"]["model"]["max_len"],
                                 "val_curve": [h["val_ndcg@10"] for h in history]})
     return rows
 
@@ -249,7 +262,7 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
     return md
 
 
-def _plot_curves(dataset: str, rows: list[dict], results: str) -> str:
+def _plot_curves(dataset: str, max_len: int, rows: list[dict], results: str) -> str:
     """Validation NDCG@10 per epoch, one line per (model, seed): the paper's Figure 3."""
     import matplotlib
 
@@ -263,10 +276,11 @@ def _plot_curves(dataset: str, rows: list[dict], results: str) -> str:
                 alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
-    ax.set_title(f"{dataset}: validation NDCG@10 per epoch")
+    ax.set_title(f"{dataset} (max-len {max_len}): validation NDCG@10 per epoch")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(results, f"quality_val_curves_{dataset}.png")
+    suffix = "" if max_len == DATASETS[dataset][3] else f"_len{max_len}"
+    path = os.path.join(results, f"quality_val_curves_{dataset}{suffix}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
@@ -279,7 +293,8 @@ def cmd_report(args) -> None:
     os.makedirs(args.results, exist_ok=True)
     env = machine_info() | {"torch_threads": 1}
     main = sorted((r for r in rows if r["table"] == "main"),
-                  key=lambda r: (list(DATASETS).index(r["dataset"]), MODELS.index(r["model"]), r["seed"]))
+                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], MODELS.index(r["model"]),
+                                 r["seed"]))
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
     tune = sorted((r for r in rows if r["table"] == "tune"),
@@ -294,16 +309,16 @@ def cmd_report(args) -> None:
     if args.summary:
         with open(args.summary) as f:
             md += ["## Summary", "", f.read().strip(), ""]
-    for dataset, rs in _group(main, lambda r: r["dataset"]).items():
-        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]})", ""]
+    for (dataset, max_len), rs in _group(main, lambda r: (r["dataset"], r["max_len"])).items():
+        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, max-len {max_len})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     if tune:
-        md += _tune_section(main, tune)
-    for dataset, rs in _group(main, lambda r: r["dataset"]).items():
-        png = _plot_curves(dataset, rs, args.results)
+        md += _tune_section([r for r in main if r["max_len"] == DATASETS[r["dataset"]][3]], tune)
+    for (dataset, max_len), rs in _group(main, lambda r: (r["dataset"], r["max_len"])).items():
+        png = _plot_curves(dataset, max_len, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl + tune]
@@ -333,6 +348,8 @@ def main() -> None:
         q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
         q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
                        help="a subset of the table's data sets")
+        q.add_argument("--max-len", type=int, default=None,
+                       help="main tables: context length of every data set (default: 50 each)")
         q.add_argument("--grid-lr", type=float, nargs="+", default=None,
                        help="tune: only these learning rates of the grid (e.g. the selected ones, for more seeds)")
     a.set_defaults(fn=cmd_adopt)

@@ -127,6 +127,7 @@ def main():
     timer = Timer(args.repeats)
     bw = copy_bandwidth(timer)
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
+    info = machine_info()
     rows = []
     for shape in SHAPES:
         rows.append(bench_shape(shape, dtype, timer, bw))
@@ -134,7 +135,12 @@ def main():
         print(f"{shape}: fwd fused {r['fwd_ms_fused']:.3f} ms, composition {r['fwd_ms_composition']:.3f}"
               f" ms; fwd+bwd fused {r['fwdbwd_ms_fused']:.3f}, composition "
               f"{r['fwdbwd_ms_composition']:.3f}", flush=True)
-    info = machine_info()
+        # Rewritten after every shape: a run cut off by a time limit keeps the rows it finished.
+        md = report(rows, bw, info, args)
+    print(md)
+
+
+def report(rows, bw, info, args) -> str:
     md = ["# GPU op benchmark", "",
           f"Machine: {describe(info)}. Command: `python benchmarks/bench_gpu.py --dtype {args.dtype}` "
           f"(CUDA events, L2 flushed before each run, median of {args.repeats} after warm-up; lengths "
@@ -151,12 +157,13 @@ def main():
             f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
             f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
             f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
+    if len(rows) < len(SHAPES):
+        md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]
     md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "
            "fwd+bwd >= 1.8x vs composition and <= 1.5x the HBM floor."]
     write_results(f"gpu_op_{args.dtype}", {"machine": info, "copy_bandwidth_Bps": bw, "rows": rows},
                   "\n".join(md) + "\n", args.out)
-    print("\n".join(md))
-
+    return "\n".join(md)
 
 if __name__ == "__main__":
     main()

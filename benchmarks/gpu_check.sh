@@ -2,36 +2,64 @@
 # The one-call GPU check. On a GPU machine with torch preinstalled (no internet needed):
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]        # default: $OUT, else benchmarks/results/gpu_check
 # builds the extension, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases
-# and the GPU benchmarks; logs, JSON and markdown go to RESULTS_DIR, with summary.txt listing each
-# step's exit code and seconds. Every step runs even if an earlier one fails.
+# and the GPU benchmarks. Every step runs even if an earlier one fails, each within its own limit and
+# all within PKA_GPU_CHECK_BUDGET seconds (default 450), so the script ends, with its results
+# written, before a caller's time limit (the device tool: 10 minutes a call, 15 a session).
+#
+# RESULTS_DIR receives two files, rewritten after every step so that a check cut off from outside
+# still leaves what it finished: summary.txt (each step's exit code and seconds) and gpu_check.tar.gz
+# (machine.txt, every step's log, junit.xml, the benchmarks' JSON and markdown). Two files, because
+# the device tool returns at most eight. Unpack into benchmarks/results/ to commit the tables.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results/gpu_check}}
+BUDGET=${PKA_GPU_CHECK_BUDGET:-450}
 mkdir -p "$RESULTS"
+RESULTS=$(cd "$RESULTS" && pwd)
+WORK=$(mktemp -d /tmp/pka_gpu_check.XXXXXX)
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PKA_REQUIRE_CUDA=1
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the device image has python3 (holding torch), not necessarily python
 SAN=${COMPUTE_SANITIZER:-compute-sanitizer}
-: > "$RESULTS/summary.txt"
+START=$SECONDS
 
+pack() {
+  cp "$WORK/summary.txt" "$RESULTS/summary.txt"
+  tar -czf "$RESULTS/gpu_check.tar.gz.part" -C "$WORK" . && mv "$RESULTS/gpu_check.tar.gz.part" "$RESULTS/gpu_check.tar.gz"
+}
+
+# step NAME LIMIT CMD...: runs CMD for at most LIMIT seconds and never past the budget.
 step() {
   local name=$1 limit=$2
   shift 2
+  local left=$((BUDGET - (SECONDS - START)))
+  ((limit > left)) && limit=$left
+  if ((limit < 15)); then
+    echo "$name skipped (budget of ${BUDGET}s spent)" | tee -a "$WORK/summary.txt"
+    pack
+    return
+  fi
   local t0=$SECONDS
-  echo "== $name: $*"
-  timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+  echo "== $name (limit ${limit}s): $*"
+  timeout "$limit" "$@" > "$WORK/$name.log" 2>&1
   local rc=$?
-  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$RESULTS/summary.txt"
-  tail -n 5 "$RESULTS/$name.log"
+  echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$WORK/summary.txt"
+  tail -n 5 "$WORK/$name.log"
+  pack
 }
 
-(nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)") > "$RESULTS/machine.txt" 2>&1
+: > "$WORK/summary.txt"
+(date -u; nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)") > "$WORK/machine.txt" 2>&1
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
-step tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda_fused.py tests/test_cuda.py \
-  --junitxml="$RESULTS/junit.xml"
-step memcheck 120 "$SAN" --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
-step racecheck 120 "$SAN" --tool racecheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
-step bench_op 180 $PY benchmarks/bench_gpu.py --out "$RESULTS"
-step bench_train 120 $PY benchmarks/bench_train_step.py --device cuda --repeats 30 --out "$RESULTS"
-step bench_train_amp 120 $PY benchmarks/bench_train_step.py --device cuda --amp --repeats 30 --out "$RESULTS"
+step tests 180 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
+  --junitxml="$WORK/junit.xml"
+step memcheck 60 "$SAN" --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
+step racecheck 90 "$SAN" --tool racecheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
+step bench_op 120 $PY benchmarks/bench_gpu.py --out "$WORK"
+step bench_train 60 $PY benchmarks/bench_train_step.py --device cuda --repeats 30 --out "$WORK"
+step bench_train_amp 60 $PY benchmarks/bench_train_step.py --device cuda --amp --repeats 30 --out "$WORK"
+echo "total $((SECONDS - START))s" | tee -a "$WORK/summary.txt"
+pack
 cat "$RESULTS/summary.txt"

@@ -4,13 +4,15 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py --small
 
 Covers float32 / bfloat16 / float16, head dims 16 and 64 (128 without --small), shared and
-per-head kernels, dropout, empty and full sequences, and a long sequence whose block buffers do not
-fit in shared memory (the global-workspace path).
+per-head kernels, dropout, empty and full sequences, and the global-workspace placement of the block
+buffers (forced with PKA_FUSED_WORKSPACE=1 on short sequences; without --small also long sequences
+whose buffers do not fit in shared memory).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 
@@ -40,9 +42,14 @@ def main():
     for dtype in dtypes:
         for d in dims:
             case(3, 2, 37, d, dtype, per_head=d == 16, lengths=[37, 0, 20], dropout_p=0.2)
-    # Long enough that the block buffers go to the global workspace.
-    case(1, 1, 40 if args.small else 900, 64, torch.bfloat16, False, [40 if args.small else 850], 0.1)
+    # The block buffers in the global workspace: forced on a short sequence, and (without --small)
+    # chosen by the launch plan for a long one.
+    os.environ["PKA_FUSED_WORKSPACE"] = "1"
+    case(2, 2, 40, 64, torch.bfloat16, False, [40, 17], 0.1)
+    case(2, 1, 37, 16, torch.float32, True, [30, 37], 0.0)
+    del os.environ["PKA_FUSED_WORKSPACE"]
     if not args.small:
+        case(1, 1, 900, 64, torch.bfloat16, False, [850], 0.1)
         case(1, 1, 900, 128, torch.float32, True, [900], 0.0)
     print("sanitize cases ran")
 

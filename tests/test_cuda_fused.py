@@ -29,18 +29,29 @@ NAMES = ("q", "k", "v", "a_k", "a_v")
 OP_FWD = torch.ops.pka_ext.pka_fwd
 
 
+class EnvSwitch:
+    """Sets an environment switch of the CUDA code for a ``with`` block (read on every call)."""
+
+    def __init__(self, monkeypatch, name):
+        self.monkeypatch, self.name = monkeypatch, name
+
+    def __enter__(self):
+        self.monkeypatch.setenv(self.name, "1")
+
+    def __exit__(self, *exc):
+        self.monkeypatch.delenv(self.name)
+
+
 @pytest.fixture
 def unfused(monkeypatch):
-    """Context for running the unfused CUDA path (the env var is read on every call)."""
+    """Context for running the unfused CUDA path."""
+    return EnvSwitch(monkeypatch, "PKA_CUDA_UNFUSED")
 
-    class Switch:
-        def __enter__(self):
-            monkeypatch.setenv("PKA_CUDA_UNFUSED", "1")
 
-        def __exit__(self, *exc):
-            monkeypatch.delenv("PKA_CUDA_UNFUSED")
-
-    return Switch()
+@pytest.fixture
+def workspace(monkeypatch):
+    """Context for running the fused kernels with their block buffers in global memory."""
+    return EnvSwitch(monkeypatch, "PKA_FUSED_WORKSPACE")
 
 
 def inputs64(B, H, T, d, per_head, seed):
@@ -178,6 +189,28 @@ def test_fused_matches_unfused_path(T, dtype, unfused):
     assert rel(out, out_u) <= tol
     for name, g, gu in zip(NAMES, grads, grads_u):
         assert rel(g, gu) <= tol, f"d{name}: {rel(g, gu):.2e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [16, 64, 128])
+@pytest.mark.parametrize("T", [23, 130])
+def test_workspace_placement_matches_shared_memory(T, d, dtype, workspace):
+    """The global-workspace placement (taken by long sequences) on sequences short enough for
+    shared memory: the same arithmetic, so the same results up to the order of the kernel-gradient
+    atomics."""
+    B, H = 3, 2
+    x64, lengths, dout64 = inputs64(B, H, T, d, per_head=d == 16, seed=7 * T + d)
+    x, dout = [t.to(dtype) for t in x64], dout64.to(dtype)
+    out, grads = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=5)
+    poison([(B * H * T * d, dtype)] * 8)
+    with workspace:
+        out_w, grads_w = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=5)
+    assert torch.equal(out, out_w)
+    for name, g, gw in zip(NAMES[:3], grads[:3], grads_w[:3]):
+        assert torch.equal(g, gw), f"d{name}: {rel(gw, g):.2e}"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for name, g, gw in zip(NAMES[3:], grads[3:], grads_w[3:]):
+        assert rel(gw, g) <= tol, f"d{name}: {rel(gw, g):.2e}"
 
 
 def test_deterministic_mode_uses_the_deterministic_backward():

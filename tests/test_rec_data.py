@@ -197,7 +197,7 @@ def test_recbole_bad_rows(tmp_path, body, line, words):
 def test_recbole_skip_bad(tmp_path):
     body = "1\t2\t3\t4\n1\t3\t3\n1\t4\t3\tlater\n1\t5\t3\t1\n"
     path = write(tmp_path, "d.inter", HEADER + body)
-    with pytest.warns(DataWarning, match=rf"skipped 2 bad line\(s\); first: .*d.inter:3: "):
+    with pytest.warns(DataWarning, match=r"skipped 2 bad line\(s\); first: .*d.inter:3: "):
         data = read_recbole_inter(path, skip_bad=True)
     assert raw_seqs(data) == [["5", "2"]]
 

@@ -188,6 +188,20 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert m["epochs_run"] == 3
 
 
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+    """Weights, optimiser, batch order and dropout masks all continue where the checkpoint left."""
+    args = ["train", "--format", "synthetic", "--model", "psa", "--max-len", "20", "--hidden", "32",
+            "--dropout", "0.3", "--patience", "50", "--no-progress"]
+    straight, first, resumed = (str(tmp_path / n) for n in ("straight", "first", "resumed"))
+    cli_main(args + ["--epochs", "3", "--out", straight])
+    cli_main(args + ["--epochs", "1", "--out", first])
+    cli_main(args + ["--epochs", "3", "--out", resumed, "--resume", os.path.join(first, "checkpoint.pt")])
+    a, b = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False) for d in (straight, resumed))
+    assert [h["loss"] for h in a["train_state"]["history"]] == [h["loss"] for h in b["train_state"]["history"]]
+    for name, w in a["model_state"].items():
+        assert torch.equal(w, b["model_state"][name]), name
+
+
 def free_port() -> int:
     """A port nothing listens on now (a fixed or pid-derived one can collide between runs)."""
     with socket.socket() as s:

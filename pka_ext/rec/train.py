@@ -68,6 +68,7 @@ class TrainState:
     train_seconds: float = 0.0
     optimizer_state: dict | None = None
     model_state: dict | None = None
+    rng_state: dict | None = None  # torch's generators after the last epoch (dropout masks)
 
 
 def _world():
@@ -112,6 +113,19 @@ def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batch
     return total, count
 
 
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def make_optimizer(model, cfg: TrainConfig):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr, betas=(0.9, 0.98),
                             weight_decay=cfg.weight_decay)
@@ -145,6 +159,8 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
     state = state or TrainState()
     if state.model_state is not None:
         model.load_state_dict(state.model_state)
+    if state.rng_state is not None:  # a resumed run draws the dropout masks it would have drawn
+        _set_rng_state(state.rng_state, device)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
@@ -193,6 +209,7 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
             if on_epoch_end is not None:
                 state.model_state = model.state_dict()
                 state.optimizer_state = optimizer.state_dict()
+                state.rng_state = _rng_state(device)
                 on_epoch_end(state)
         if state.bad_epochs >= cfg.patience:
             if rank == 0:

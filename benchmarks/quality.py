@@ -1,9 +1,11 @@
 """Quality study: PSA vs SASRec / NoPE / RoPE on real data, several seeds, plus PSA ablations.
 
 Every cell is one ``pka-rec train`` command (recorded in the results); cells run as separate
-processes, ``--jobs`` at a time with one torch thread each. A cell is claimed (a ``claimed`` file in
-its folder) before it starts, so several runners can work on one study and a finished cell is never
-rerun; delete the claim file of a failed or interrupted cell to run it again.
+processes, ``--jobs`` at a time with one torch thread each. A runner holds a lock on the cell's
+``claimed`` file while it runs, so several runners can work on one study and a finished cell is never
+rerun. A cell whose runner died (a session's end, say) is continued from its last epoch's checkpoint
+by ``run --resume-stale`` (resuming is exact: weights, optimiser, batch order and dropout masks);
+delete the folder of a failed cell to run it from scratch.
 
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
@@ -27,6 +29,7 @@ each model's learning rate by seed-0 validation NDCG@10 only (same grid for ever
 from __future__ import annotations
 
 import argparse
+import fcntl
 import itertools
 import json
 import math
@@ -144,27 +147,56 @@ def write_cell_json(cell: dict, wall_seconds: float | None, rc: int) -> None:
                      "wall_seconds": wall_seconds, "rc": rc}, f, indent=2)
 
 
-def run_cell(cell: dict) -> None:
+def run_cell(cell: dict, resume_stale: bool = False) -> None:
+    """Runs one cell unless another runner holds it or it is finished.
+
+    The runner holds an flock on the cell's ``claimed`` file (with its pid in it) while the cell
+    runs; the lock goes when the process does. A claim that nobody holds and that has no
+    ``cell.json`` beside it is a cell whose runner died (or a machine that stopped): it is left
+    alone unless ``resume_stale``, which continues it from its last epoch's checkpoint.
+    """
     os.makedirs(cell["dir"], exist_ok=True)
-    try:  # a claim file lets several runners share one study without running a cell twice
-        os.close(os.open(os.path.join(cell["dir"], "claimed"), os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
+    claim = os.path.join(cell["dir"], "claimed")
+    existed = os.path.exists(claim)
+    fd = os.open(claim, os.O_CREAT | os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # another runner is on it
+        os.close(fd)
         return
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    t0 = time.perf_counter()
-    with open(os.path.join(cell["dir"], "train.log"), "w") as log:
-        rc = subprocess.call(cell["cmd"], stdout=log, stderr=subprocess.STDOUT, env=env)
-    status = "ok" if rc == 0 else f"FAILED rc={rc}"
-    print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
-          flush=True)
-    write_cell_json(cell, time.perf_counter() - t0, rc)
+    try:
+        if os.path.exists(os.path.join(cell["dir"], "cell.json")):
+            return
+        if os.path.exists(os.path.join(cell["dir"], "metrics.json")):  # finished, runner stopped
+            write_cell_json(cell, None, 0)
+            return
+        stale = existed or os.fstat(fd).st_size > 0
+        if stale and not resume_stale:
+            print(f"interrupted, not resumed (pass --resume-stale): {cell['dir']}", flush=True)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        cmd = list(cell["cmd"])
+        ckpt = os.path.join(cell["dir"], "checkpoint.pt")
+        if stale and os.path.exists(ckpt):
+            cmd += ["--resume", ckpt]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        t0 = time.perf_counter()
+        with open(os.path.join(cell["dir"], "train.log"), "a" if stale else "w") as log:
+            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        status = ("ok" if rc == 0 else f"FAILED rc={rc}") + (" (resumed)" if "--resume" in cmd else "")
+        print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
+              flush=True)
+        write_cell_json(cell, time.perf_counter() - t0, rc)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def cmd_run(args) -> None:
     todo = cells(args)
     print(f"{len(todo)} cells, {args.jobs} at a time", flush=True)
     with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(run_cell, todo))
+        list(pool.map(lambda c: run_cell(c, args.resume_stale), todo))
 
 
 def cmd_adopt(args) -> None:
@@ -334,6 +366,9 @@ def main() -> None:
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run")
     r.add_argument("--jobs", type=int, default=2)
+    r.add_argument("--resume-stale", action="store_true",
+                   help="continue cells whose runner died from their last checkpoint (only when no "
+                        "runner of an older version, which holds no lock, is still working on them)")
     r.set_defaults(fn=cmd_run)
     a = sub.add_parser("adopt", help="write cell.json for finished cells that lack one")
     s = sub.add_parser("report")

@@ -202,6 +202,20 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
         assert torch.equal(w, b["model_state"][name]), name
 
 
+def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
+    out = _train_cli(tmp_path, "nope", ["--patience", "50"])
+    path = os.path.join(out, "checkpoint.pt")
+    ckpt = torch.load(path, weights_only=False)
+    ckpt["train_state"]["bad_epochs"] = 3
+    torch.save(ckpt, path)
+    resumed = str(tmp_path / "resumed")
+    cli_main(["train", "--format", "synthetic", "--model", "nope", "--epochs", "5", "--max-len",
+              "20", "--hidden", "32", "--out", resumed, "--no-progress", "--patience", "3",
+              "--resume", path])
+    with open(os.path.join(resumed, "metrics.json")) as f:
+        assert json.load(f)["epochs_run"] == 2
+
+
 def free_port() -> int:
     """A port nothing listens on now (a fixed or pid-derived one can collide between runs)."""
     with socket.socket() as s:

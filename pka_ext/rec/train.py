@@ -172,7 +172,9 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
     if len(inputs) == 0:
         raise ValueError("no training sequence has two or more items")
     key = f"ndcg@{cfg.eval_k}"
-    for epoch in range(state.epoch + 1, cfg.epochs + 1):
+    # A run that had already stopped early stays stopped when resumed.
+    first = cfg.epochs + 1 if state.bad_epochs >= cfg.patience else state.epoch + 1
+    for epoch in range(first, cfg.epochs + 1):
         batches = batch_order(len(inputs), cfg.batch_size, cfg.seed, epoch)
         bar = tqdm(total=len(inputs), desc=f"epoch {epoch}", unit="seq", leave=False,
                    disable=None if (progress and rank == 0) else True)

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The one-call GPU check. On a GPU machine with torch preinstalled (no internet needed):
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]        # default: $OUT, else benchmarks/results/gpu_check
-# builds the extension, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases
-# and the GPU benchmarks. Every step runs even if an earlier one fails, each within its own limit and
+# builds the extension, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases,
+# the GPU benchmarks and an Nsight Compute profile of the headline kernels. Every step runs even if an earlier one fails, each within its own limit and
 # all within PKA_GPU_CHECK_BUDGET seconds (default 450), so the script ends, with its results
 # written, before a caller's time limit (the device tool: 10 minutes a call, 15 a session).
 #
@@ -60,6 +60,10 @@ step racecheck 90 "$SAN" --tool racecheck --error-exitcode 9 $PY benchmarks/sani
 step bench_op 120 $PY benchmarks/bench_gpu.py --out "$WORK"
 step bench_train 60 $PY benchmarks/bench_train_step.py --device cuda --repeats 30 --out "$WORK"
 step bench_train_amp 60 $PY benchmarks/bench_train_step.py --device cuda --amp --repeats 30 --out "$WORK"
+# Diagnostics for tuning (not a target): one forward and one backward kernel of the headline shape.
+step ncu 60 "${NCU:-ncu}" --clock-control none --kernel-name regex:pka_ --launch-skip 4 --launch-count 2 \
+  --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+  --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis $PY benchmarks/profile_case.py
 echo "total $((SECONDS - START))s" | tee -a "$WORK/summary.txt"
 pack
 cat "$RESULTS/summary.txt"

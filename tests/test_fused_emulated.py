@@ -121,6 +121,7 @@ def rel_l2(x, ref):
     (70, 16, True, [70, 0], 0.2, False),
     (33, 64, False, [33, 30], 0.0, True),
     (20, 128, True, [20, 9], 0.1, False),
+    (200, 64, False, [200, 137, 61], 0.0, False),  # the benchmarks' headline T and d
 ])
 def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspace):
     """The 16-bit path (shared-memory layout, roundings, WMMA tile products on the fragment model):

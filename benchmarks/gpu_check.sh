@@ -9,7 +9,8 @@
 # RESULTS_DIR receives two files, rewritten after every step so that a check cut off from outside
 # still leaves what it finished: summary.txt (each step's exit code and seconds) and gpu_check.tar.gz
 # (machine.txt, every step's log, junit.xml, the benchmarks' JSON and markdown). Two files, because
-# the device tool returns at most eight. Unpack into benchmarks/results/ to commit the tables.
+# the device tool returns at most eight. To commit: unpack into benchmarks/results/gpu/ and run
+# benchmarks/speed_report.py.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=${1:-${OUT:-benchmarks/results/gpu_check}}

@@ -116,8 +116,9 @@ def train_section(step, epoch) -> list[str]:
 
 def gpu_section() -> list[str]:
     md = ["## GPU", ""]
-    files = sorted(glob.glob(os.path.join(RESULTS, "gpu_op_*.md")) +
-                   glob.glob(os.path.join(RESULTS, "train_step_cuda*.md")))
+    # The GPU check's archive is unpacked into results/gpu/; a standalone run writes to results/.
+    files = sorted(glob.glob(os.path.join(RESULTS, "**", "gpu_op_*.md"), recursive=True) +
+                   glob.glob(os.path.join(RESULTS, "**", "train_step_cuda*.md"), recursive=True))
     if not files:
         return md + ["No GPU results yet: no GPU run of `bash benchmarks/gpu_check.sh` has been recorded "
                      "(see the README's status section).", ""]

@@ -28,6 +28,7 @@
 // headers, which a bare CUDA toolkit (nvcc + cudart) lacks; every GEMM here goes through ATen.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
+#include <c10/macros/Macros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -115,7 +116,9 @@ __device__ __forceinline__ RowIndex row_index(const RowParams& p) {
   const int64_t bh = x.r / p.T;
   x.h = bh % p.H;
   x.b = bh / p.H;
-  x.s = p.lengths != nullptr ? p.T - p.lengths[x.b] : 0;  // lengths validated on the host
+  const int64_t len = p.lengths != nullptr ? p.lengths[x.b] : p.T;
+  CUDA_KERNEL_ASSERT_MSG(len >= 0 && len <= p.T, "pka_ext: lengths[b] must lie in [0, T]");
+  x.s = p.T - len;
   return x;
 }
 
@@ -242,6 +245,14 @@ void check_cuda_dtype(const Tensor& q, const char* op) {
   TORCH_CHECK(q.is_cuda(), op, ": the CUDA implementation got q on ", q.device());
 }
 
+// The range check 0 <= lengths[b] <= T. CPU lengths: here, with an error naming the element.
+// Device lengths: by the kernels, which assert it as they read them (a device-side assertion);
+// copying them to the host here would synchronise the stream on every call, which a training
+// step with device-side lengths (the recommender's) would pay in every layer, forward and backward.
+void check_lengths_without_sync(const std::optional<Tensor>& lengths, const Dims& d) {
+  if (lengths.has_value() && lengths->is_cpu()) (void)host_lengths(lengths, d);
+}
+
 bool use_fused(const Tensor& q, const Dims& d) {
   const char* env = std::getenv("PKA_CUDA_UNFUSED");
   if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
@@ -306,7 +317,7 @@ std::tuple<Tensor, Tensor> pka_fwd_cuda(const Tensor& q, const Tensor& k, const 
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cuda_dtype(q, "pka_fwd");
   c10::cuda::CUDAGuard device_guard(q.device());
-  (void)host_lengths(lengths, d);  // range check 0 <= lengths[b] <= T on the host
+  check_lengths_without_sync(lengths, d);
   if (use_fused(q, d)) return pka_fwd_fused(q, k, v, a_k, a_v, lengths, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);
   const RowParams params = make_params(d, pad, scale, dropout_p, seed);
@@ -348,7 +359,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
               "dout, out and lse must be on q's device ", q.device(), ", got dout on ",
               dout.device(), ", out on ", out.device(), ", lse on ", lse.device());
   c10::cuda::CUDAGuard device_guard(q.device());
-  (void)host_lengths(lengths, d);
+  check_lengths_without_sync(lengths, d);
   if (use_fused(q, d) && !at::globalContext().deterministicAlgorithms())
     return pka_bwd_fused(dout, q, k, v, a_k, a_v, lengths, lse, out, d, scale, dropout_p, seed);
   const Padding pad = make_padding(lengths, q, d);

@@ -4,6 +4,8 @@
 // pka_fused.cu for the algorithm.
 #pragma once
 
+#include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT_MSG
+
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -193,7 +195,11 @@ __device__ Seq seq_of(const Params<T>& p) {
   q.bh = blockIdx.x;
   q.b = q.bh / p.H;
   q.h = q.bh % p.H;
-  q.L = p.lengths != nullptr ? static_cast<int>(p.lengths[q.b]) : p.T;  // checked on the host
+  const int64_t L = p.lengths != nullptr ? p.lengths[q.b] : p.T;
+  // Device lengths are range-checked here rather than on the host, where reading them would
+  // synchronise the stream on every call (CPU lengths were checked on the host already).
+  CUDA_KERNEL_ASSERT_MSG(L >= 0 && L <= p.T, "pka_ext: lengths[b] must lie in [0, T]");
+  q.L = static_cast<int>(L);
   q.s = p.T - q.L;
   q.nt = (q.L + 15) / 16;
   q.Lp = 16 * q.nt;

@@ -8,6 +8,9 @@ in float64 (independent formulation, materialised masks).
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -383,8 +386,9 @@ def test_built_with_cuda():
 def test_errors():
     B, H, T, d = 2, 1, 4, 2
     q, k, v, a_k, a_v = to(make_inputs(B, H, T, d, per_head=False), DEVICE)
+    # Lengths on the CPU are range-checked on the host (device lengths: see the next test).
     with pytest.raises(RuntimeError, match="outside"):
-        OP_FWD(q, k, v, a_k, a_v, torch.tensor([T + 1, 1], device=DEVICE), 1.0, 0.0, None)
+        OP_FWD(q, k, v, a_k, a_v, torch.tensor([T + 1, 1]), 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match="outside"):
         OP_FWD(q, k, v, a_k, a_v, torch.tensor([-1, 1]), 1.0, 0.0, None)
     with pytest.raises(RuntimeError, match="a_k"):
@@ -403,6 +407,29 @@ def test_errors():
     with pytest.raises(RuntimeError, match="lse"):
         OP_BWD(outh, qh, kh, vh, akh, avh, None, outh, lseh.half(), 1.0, 0.0, None)
     OP_BWD(outh, qh, kh, vh, akh, avh, None, outh, lseh, 1.0, 0.0, None)
+
+
+@pytest.mark.parametrize("unfused", ["0", "1"])
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_device_lengths_out_of_range_fail_in_the_kernel(bad, unfused):
+    """Device lengths are checked by a device-side assertion (no host synchronisation per call),
+    which ends the CUDA context: run in a child process and expect it to fail naming lengths."""
+    script = (
+        "import torch, pka_ext\n"
+        "q = torch.randn(2, 1, 4, 16, device='cuda')\n"
+        "a = torch.eye(4, device='cuda')\n"
+        f"lengths = torch.tensor([{bad}, 1], device='cuda')\n"
+        "pka_ext.pka_attention(q, q, q, a, a, lengths)\n"
+        "torch.cuda.synchronize()\n"
+    )
+    env = dict(os.environ, PKA_CUDA_UNFUSED=unfused)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode != 0
+    # The assertion's text reaches the output through the device printf buffer; the RuntimeError
+    # raised at the synchronisation names the device-side assert in any case.
+    output = proc.stdout + proc.stderr
+    assert "lengths[b] must lie in [0, T]" in output or "device-side assert" in output, output[-2000:]
 
 
 def test_empty_batch_and_zero_length():

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -25,6 +27,10 @@ NAMES = ("q", "k", "v", "a_k", "a_v")
 
 @pytest.fixture(scope="module")
 def emu():
+    return build_emu()
+
+
+def build_emu():
     from torch.utils.cpp_extension import load
 
     build = os.path.join(REPO, "build", "cuda_emu")
@@ -96,6 +102,23 @@ def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dr
         assert (g.transpose(1, 2)[pad] == 0).all(), f"d{name}: padded rows must be 0"
     for name, g in zip(NAMES[3:], grads[3:]):
         assert (g.triu(1) == 0).all(), f"d{name}: upper triangle must be 0"
+
+
+@pytest.mark.parametrize("bad", [-1, 5])
+def test_out_of_range_device_lengths_assert_in_the_kernel(emu, bad):
+    """The kernels check lengths as they read them (the host does not, to avoid a sync); the
+    failed assertion ends the process, so it runs in a child."""
+    script = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
+        "from test_fused_emulated import build_emu\n"
+        "q, a = torch.randn(2, 1, 4, 16), torch.eye(4)\n"
+        f"build_emu().fwd(q, q, q, a, a, torch.tensor([{bad}, 1]), 0.25, 0.0, 0, False)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=REPO)
+    assert proc.returncode != 0
+    assert "lengths[b] must lie in [0, T]" in proc.stderr, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("d,T,elem,fits_fwd,fits_bwd", [

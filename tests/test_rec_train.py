@@ -216,6 +216,14 @@ def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
         assert json.load(f)["epochs_run"] == 2
 
 
+def test_amp_needs_a_cuda_device():
+    with pytest.raises(ValueError, match="amp.*CUDA"):
+        TrainConfig(amp=True)
+    assert TrainConfig(amp=True, device="cuda:0").amp
+    with pytest.raises(SystemExit):  # the CLI reports the same error
+        cli_main(["train", "--format", "synthetic", "--amp", "--out", "unused", "--no-progress"])
+
+
 def free_port() -> int:
     """A port nothing listens on now (a fixed or pid-derived one can collide between runs)."""
     with socket.socket() as s:

@@ -100,8 +100,8 @@ def _init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-def cmd_train(args) -> None:
-    cfg = RunConfig(
+def _run_config(args) -> RunConfig:
+    return RunConfig(
         ModelConfig(model=args.model, hidden=args.hidden, num_blocks=args.blocks,
                     num_heads=args.heads, max_len=args.max_len, dropout=args.dropout,
                     block=args.block, key_kernel=args.key_kernel,
@@ -111,11 +111,18 @@ def cmd_train(args) -> None:
                     add_positional_embedding=args.add_positional_embedding),
         TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     patience=args.patience, seed=args.seed, loss=args.loss,
-                    num_negatives=args.negatives, device=args.device),
+                    num_negatives=args.negatives, device=args.device, amp=args.amp),
         DataConfig(path=args.data, format=args.format, protocol=args.protocol,
                    val_start=args.val_start, test_start=args.test_start,
                    max_eval_events=args.max_eval_events, name=args.name),
     )
+
+
+def cmd_train(args) -> None:
+    try:
+        cfg = _run_config(args)
+    except ValueError as e:  # a bad combination of flags: a message, not a traceback
+        raise SystemExit(f"pka-rec train: {e}") from None
     _init_distributed(args.device)
     try:
         train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
@@ -216,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--test-start", type=float, default=0.97, help="temporal: test quantile")
     t.add_argument("--max-eval-events", type=int, default=None)
     t.add_argument("--device", default="cpu")
+    t.add_argument("--amp", action="store_true",
+                   help="bfloat16 autocast for training (CUDA; evaluation stays float32)")
     t.add_argument("--name", default=None, help="data set name for metrics.json")
     t.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
     t.add_argument("--no-progress", action="store_true")

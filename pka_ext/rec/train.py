@@ -101,7 +101,8 @@ def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batch
         mine = np.array_split(idx, world)[rank]
         x = torch.from_numpy(inputs[mine]).to(device)
         y = torch.from_numpy(targets[mine]).to(device)
-        loss_sum = next_item_loss(model, x, y, cfg, num_items, gen)
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp):
+            loss_sum = next_item_loss(model, x, y, cfg, num_items, gen)
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (world / max(global_positions, 1))).backward()
         optimizer.step()

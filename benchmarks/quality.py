@@ -19,8 +19,9 @@ delete the folder of a failed cell to run it from scratch.
 Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
 size, learning rate per model; one head, dropout 0.3, full cross-entropy), used unchanged on every
 data set. ``--lr`` overrides the learning rate of every model (stated in the report when used);
-``--max-len`` overrides the data sets' context length (50 by default), and its cells form their own
-tables (folders ``main/<data set>-len<N>``). The
+``--max-len`` overrides the data sets' context length (50 by default) and ``--loss sampled`` trains
+with sampled softmax instead of full cross-entropy; such cells form their own tables (folders
+``main/<data set>-len<N>``, ``main/<data set>-sampled``). The
 ``tune`` table is the learning-rate grid (``TUNE_LRS``) for data sets without published
 configurations: its cells hold the learning rates the main table did not run, and the report picks
 each model's learning rate by seed-0 validation NDCG@10 only (same grid for every model; never test).
@@ -82,10 +83,17 @@ ABLATIONS = [
 ABLATION_DATASET = "ml-100k"
 # Learning-rate grid of the "tune" table (the main table's runs supply the rate they used).
 TUNE_LRS = (3e-4, 1e-3, 3e-3)
+NEGATIVES = 256  # sampled-softmax negatives of --loss sampled
 
 
 def cell_max_len(dataset: str, args) -> int:
     return args.max_len or DATASETS[dataset][3]
+
+
+def setting_suffix(dataset: str, max_len: int, loss: str) -> str:
+    """How a main-table cell departs from the data set's default setting (max-len, full CE)."""
+    return (f"-len{max_len}" if max_len != DATASETS[dataset][3] else "") + \
+        ("-sampled" if loss == "sampled" else "")
 
 
 def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), lr=None) -> list[str]:
@@ -100,12 +108,13 @@ def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), 
             "--blocks", str(hp["blocks"]), "--heads", "1", "--dropout", "0.3",
             "--batch-size", str(hp["batch_size"]), "--lr", str(hp["lr"]),
             "--epochs", str(args.epochs), "--patience", str(args.patience), "--no-progress",
+            *(["--loss", "sampled", "--negatives", str(NEGATIVES)] if args.loss == "sampled" else []),
             "--out", out, *extra]
 
 
 def cells(args) -> list[dict]:
-    if args.max_len is not None and args.table in ("ablation", "tune"):
-        raise SystemExit(f"--max-len applies to the main tables, not to --table {args.table}")
+    if (args.max_len is not None or args.loss != "ce") and args.table in ("ablation", "tune"):
+        raise SystemExit(f"--max-len and --loss apply to the main tables, not to --table {args.table}")
     out = []
     if args.table == "ablation":
         for i, (name, extra) in enumerate(ABLATIONS):
@@ -130,8 +139,7 @@ def cells(args) -> list[dict]:
     models = [m for m in models if m in (args.models or models)]
     datasets = [d for d in datasets if d in (args.datasets or datasets)]
     for dataset in datasets:
-        folder = dataset if cell_max_len(dataset, args) == DATASETS[dataset][3] else \
-            f"{dataset}-len{cell_max_len(dataset, args)}"
+        folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss)
         for model in models:
             for seed in args.seeds:
                 d = os.path.join(args.out, "main", folder, model, f"seed{seed}")
@@ -227,8 +235,13 @@ def _collect(root: str) -> list[dict]:
                                 "max_epochs": m["config"]["train"]["epochs"],
                                 "lr": m["config"]["train"]["lr"],
                                 "max_len": m["config"]["model"]["max_len"],
+                                "loss": m["config"]["train"]["loss"],
                                 "val_curve": [h["val_ndcg@10"] for h in history]})
     return rows
+
+
+def _setting(r: dict) -> tuple[str, int, str]:
+    return r["dataset"], r["max_len"], r["loss"]
 
 
 def _mean_std(xs) -> str:
@@ -294,7 +307,7 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
     return md
 
 
-def _plot_curves(dataset: str, max_len: int, rows: list[dict], results: str) -> str:
+def _plot_curves(dataset: str, max_len: int, loss: str, rows: list[dict], results: str) -> str:
     """Validation NDCG@10 per epoch, one line per (model, seed): the paper's Figure 3."""
     import matplotlib
 
@@ -308,10 +321,11 @@ def _plot_curves(dataset: str, max_len: int, rows: list[dict], results: str) -> 
                 alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
-    ax.set_title(f"{dataset} (max-len {max_len}): validation NDCG@10 per epoch")
+    ax.set_title(f"{dataset} (max-len {max_len}{', sampled softmax' if loss == 'sampled' else ''}): "
+                 "validation NDCG@10 per epoch")
     ax.legend()
     fig.tight_layout()
-    suffix = "" if max_len == DATASETS[dataset][3] else f"_len{max_len}"
+    suffix = setting_suffix(dataset, max_len, loss).replace("-", "_")
     path = os.path.join(results, f"quality_val_curves_{dataset}{suffix}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -325,8 +339,8 @@ def cmd_report(args) -> None:
     os.makedirs(args.results, exist_ok=True)
     env = machine_info() | {"torch_threads": 1}
     main = sorted((r for r in rows if r["table"] == "main"),
-                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], MODELS.index(r["model"]),
-                                 r["seed"]))
+                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"],
+                                 MODELS.index(r["model"]), r["seed"]))
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
     tune = sorted((r for r in rows if r["table"] == "tune"),
@@ -341,16 +355,18 @@ def cmd_report(args) -> None:
     if args.summary:
         with open(args.summary) as f:
             md += ["## Summary", "", f.read().strip(), ""]
-    for (dataset, max_len), rs in _group(main, lambda r: (r["dataset"], r["max_len"])).items():
-        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, max-len {max_len})", ""]
+    for (dataset, max_len, loss), rs in _group(main, _setting).items():
+        loss_text = f", sampled softmax ({NEGATIVES} uniform negatives)" if loss == "sampled" else ""
+        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, max-len {max_len}"
+               f"{loss_text})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     if tune:
-        md += _tune_section([r for r in main if r["max_len"] == DATASETS[r["dataset"]][3]], tune)
-    for (dataset, max_len), rs in _group(main, lambda r: (r["dataset"], r["max_len"])).items():
-        png = _plot_curves(dataset, max_len, rs, args.results)
+        md += _tune_section([r for r in main if not setting_suffix(*_setting(r))], tune)
+    for (dataset, max_len, loss), rs in _group(main, _setting).items():
+        png = _plot_curves(dataset, max_len, loss, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl + tune]
@@ -385,6 +401,9 @@ def main() -> None:
                        help="a subset of the table's data sets")
         q.add_argument("--max-len", type=int, default=None,
                        help="main tables: context length of every data set (default: 50 each)")
+        q.add_argument("--loss", default="ce", choices=["ce", "sampled"],
+                       help=f"main tables: full cross-entropy, or sampled softmax with {NEGATIVES} "
+                            "negatives (for data sets too large for the CPU budget; stated in the report)")
         q.add_argument("--grid-lr", type=float, nargs="+", default=None,
                        help="tune: only these learning rates of the grid (e.g. the selected ones, for more seeds)")
     a.set_defaults(fn=cmd_adopt)

@@ -20,7 +20,7 @@ from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics, score_context
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import EvalSet
 from pka_ext.rec.recommender import Recommender
-from pka_ext.rec.train import next_item_loss
+from pka_ext.rec.train import next_item_loss, train_steps
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 INF = math.inf
@@ -118,6 +118,20 @@ def test_loss_uses_only_real_positions(model):
     sampled = next_item_loss(m, x, y, TrainConfig(loss="sampled", num_negatives=8), 30,
                              torch.Generator().manual_seed(0))
     assert torch.isfinite(sampled) and sampled > 0
+
+
+def test_sampled_negatives_are_fresh_each_epoch_and_reproducible():
+    x = np.array([[0, 0, 3, 4, 5, 6, 7, 8], [0, 0, 0, 0, 0, 0, 1, 2]])
+    y = np.array([[0, 0, 4, 5, 6, 7, 8, 9], [0, 0, 0, 0, 0, 0, 2, 3]])
+    cfg = TrainConfig(loss="sampled", num_negatives=4)
+
+    def loss_of_one_step(epoch):
+        m = _tiny_model()
+        opt = torch.optim.SGD(m.parameters(), lr=0.0)
+        return train_steps(m, opt, x, y, [np.arange(2)], cfg, 30, "cpu", epoch=epoch)[0]
+
+    assert loss_of_one_step(1) == loss_of_one_step(1)
+    assert loss_of_one_step(1) != loss_of_one_step(2)
 
 
 @pytest.mark.parametrize("model", ["psa", "sasrec", "nope", "rope"])

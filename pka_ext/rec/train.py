@@ -84,8 +84,11 @@ def batch_order(num_examples: int, batch_size: int, seed: int, epoch: int) -> li
 
 
 def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batches, cfg: TrainConfig,
-                num_items: int, device, progress=None) -> tuple[float, int]:
+                num_items: int, device, progress=None, epoch: int = 1) -> tuple[float, int]:
     """Runs one optimiser step per global batch; returns (summed loss, positions) of this rank.
+
+    ``--loss sampled`` draws its negatives from a generator seeded by (seed, epoch): fresh
+    negatives every epoch, the same on every rank and after a resume.
 
     Under DDP each rank takes a contiguous share of every global batch. The loss is normalised by
     the number of real positions in the whole global batch (every rank can count them) times the
@@ -93,7 +96,7 @@ def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batch
     update on the same global batch.
     """
     world, rank = _world()
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
     total, count = 0.0, 0
     model.train()
     for idx in batches:
@@ -181,7 +184,7 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
                    disable=None if (progress and rank == 0) else True)
         t0 = time.perf_counter()
         loss, positions = train_steps(net, optimizer, inputs, targets, batches, cfg,
-                                      split.num_items, device, bar)
+                                      split.num_items, device, bar, epoch=epoch)
         seconds = time.perf_counter() - t0
         bar.close()
         state.train_seconds += seconds

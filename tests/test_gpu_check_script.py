@@ -1,0 +1,44 @@
+"""benchmarks/gpu_check.sh without a GPU: its steps replaced by stand-ins, its bookkeeping checked
+(what comes back from a device call: two files, a summary of every step, the budget honoured)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tarfile
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
+STEPS = ("build", "tests", "memcheck", "racecheck", "bench_op", "bench_train", "bench_train_amp", "ncu")
+
+
+def run_check(tmp_path, python, budget):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHON=python, COMPUTE_SANITIZER="true", NCU="true",
+               PKA_GPU_CHECK_BUDGET=str(budget))
+    subprocess.run(["bash", SCRIPT, str(out)], env=env, check=True, capture_output=True, timeout=120)
+    summary = (out / "summary.txt").read_text().splitlines()
+    with tarfile.open(out / "gpu_check.tar.gz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    return sorted(os.listdir(out)), summary, names
+
+
+def test_every_step_reported_in_two_files(tmp_path):
+    files, summary, names = run_check(tmp_path, "true", 100)
+    assert files == ["gpu_check.tar.gz", "summary.txt"]  # the device tool returns at most 8
+    assert [line.split()[0] for line in summary] == [*STEPS, "total"]
+    assert all(" rc=0 " in line for line in summary[:-1])
+    assert {"machine.txt", "summary.txt", *(f"{s}.log" for s in STEPS)} <= names
+
+
+def test_budget_skips_the_remaining_steps(tmp_path):
+    slow = tmp_path / "slow_python"
+    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.chmod(0o755)
+    # The machine line, the xdist probe and the build take 5 s each: 15 s of a 34 s budget leave
+    # 19 s, enough for the tests step (5 s, runs while at least 15 s are left); after it 14 s are
+    # left, so the rest is skipped. Up to 4 s of overhead keep the same outcome.
+    _, summary, names = run_check(tmp_path, str(slow), 34)
+    assert summary[0].startswith("build rc=0") and summary[1].startswith("tests rc=0")
+    assert all(line.endswith("skipped (budget of 34s spent)") for line in summary[2:-1])
+    assert "tests.log" in names and "memcheck.log" not in names

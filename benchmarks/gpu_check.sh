@@ -18,6 +18,7 @@ BUDGET=${PKA_GPU_CHECK_BUDGET:-450}
 mkdir -p "$RESULTS"
 RESULTS=$(cd "$RESULTS" && pwd)
 WORK=$(mktemp -d /tmp/pka_gpu_check.XXXXXX)
+trap 'rm -rf "$WORK"' EXIT  # everything worth keeping is in the archive
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16} PKA_REQUIRE_CUDA=1
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}  # the device image has python3 (holding torch), not necessarily python

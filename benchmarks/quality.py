@@ -10,6 +10,9 @@ delete the folder of a failed cell to run it from scratch.
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
     python benchmarks/quality.py run --table small --max-len 128     # the paper's context length
+    python benchmarks/quality.py run --table tune --datasets LastFM --max-len 128 --seeds 0   # its grid
+    python benchmarks/quality.py run --table amazon --datasets Yelp --loss sampled            # cheaper loss
+    python benchmarks/quality.py run ... --resume-stale              # continue cells whose runner died
     python benchmarks/quality.py run --table ablation                # PSA variants on ml-100k
     python benchmarks/quality.py run --table tune --seeds 0          # the other learning rate(s) on ml-100k
     python benchmarks/quality.py run --table tune --seeds 1 2 --models psa --grid-lr 3e-3   # selected: more seeds
@@ -21,7 +24,7 @@ size, learning rate per model; one head, dropout 0.3, full cross-entropy), used 
 data set. ``--lr`` overrides the learning rate of every model (stated in the report when used);
 ``--max-len`` overrides the data sets' context length (50 by default) and ``--loss sampled`` trains
 with sampled softmax instead of full cross-entropy; such cells form their own tables (folders
-``main/<data set>-len<N>``, ``main/<data set>-sampled``). The
+``main/<data set>-len<N>``, ``main/<data set>-sampled``; the same suffixes under ``tune/``). The
 ``tune`` table is the learning-rate grid (``TUNE_LRS``) for data sets without published
 configurations: its cells hold the learning rates the main table did not run, and the report picks
 each model's learning rate by seed-0 validation NDCG@10 only (same grid for every model; never test).
@@ -113,8 +116,8 @@ def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), 
 
 
 def cells(args) -> list[dict]:
-    if (args.max_len is not None or args.loss != "ce") and args.table in ("ablation", "tune"):
-        raise SystemExit(f"--max-len and --loss apply to the main tables, not to --table {args.table}")
+    if (args.max_len is not None or args.loss != "ce") and args.table == "ablation":
+        raise SystemExit("--max-len and --loss apply to the main and tune tables, not to --table ablation")
     out = []
     if args.table == "ablation":
         for i, (name, extra) in enumerate(ABLATIONS):
@@ -131,7 +134,8 @@ def cells(args) -> list[dict]:
                and (not args.grid_lr or any(math.isclose(lr, g) for g in args.grid_lr))]
         for dataset, model, lr, seed in itertools.product(args.datasets or [ABLATION_DATASET], models,
                                                           lrs, args.seeds):
-            d = os.path.join(args.out, "tune", dataset, model, f"lr{lr:g}", f"seed{seed}")
+            folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss)
+            d = os.path.join(args.out, "tune", folder, model, f"lr{lr:g}", f"seed{seed}")
             out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}", seed=seed,
                             dir=d, cmd=cell_command(dataset, model, seed, d, args, lr=lr)))
         return out
@@ -280,13 +284,14 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
           "configuration as in the main table. Each model's rate is the one with the highest "
           "validation NDCG@10 of its seed-0 run (the epoch early stopping chose); test numbers are "
           "shown for every rate but never used to choose.", ""]
-    for dataset in dict.fromkeys(r["dataset"] for r in tune):
-        md += [f"### {dataset}", "",
+    for setting in dict.fromkeys(_setting(r) for r in tune):
+        dataset, max_len, loss = setting
+        md += [f"### {dataset} (max-len {max_len}{', sampled softmax' if loss == 'sampled' else ''})", "",
                "| model | lr | seeds | val NDCG@10 (seed 0) | test NDCG@10 | test HR@10 | selected |",
                "|---|---|---|---|---|---|---|"]
         chosen = {}
         for model in MODELS:
-            by_lr = _group(sorted((r for r in main + tune if r["dataset"] == dataset and r["model"] == model),
+            by_lr = _group(sorted((r for r in main + tune if _setting(r) == setting and r["model"] == model),
                                   key=lambda r: (r["lr"], r["seed"])), lambda r: r["lr"])
             val0 = {lr: next((r["val"]["ndcg@10"] for r in rs if r["seed"] == 0), None)
                     for lr, rs in by_lr.items()}
@@ -344,7 +349,7 @@ def cmd_report(args) -> None:
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
     tune = sorted((r for r in rows if r["table"] == "tune"),
-                  key=lambda r: (r["dataset"], MODELS.index(r["model"]), r["lr"], r["seed"]))
+                  key=lambda r: (*_setting(r), MODELS.index(r["model"]), r["lr"], r["seed"]))
     md = ["# Quality study: PSA vs positional baselines", "",
           f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
           f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
@@ -364,7 +369,7 @@ def cmd_report(args) -> None:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     if tune:
-        md += _tune_section([r for r in main if not setting_suffix(*_setting(r))], tune)
+        md += _tune_section(main, tune)
     for (dataset, max_len, loss), rs in _group(main, _setting).items():
         png = _plot_curves(dataset, max_len, loss, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
@@ -400,9 +405,9 @@ def main() -> None:
         q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
                        help="a subset of the table's data sets")
         q.add_argument("--max-len", type=int, default=None,
-                       help="main tables: context length of every data set (default: 50 each)")
+                       help="main and tune tables: context length of every data set (default: 50 each)")
         q.add_argument("--loss", default="ce", choices=["ce", "sampled"],
-                       help=f"main tables: full cross-entropy, or sampled softmax with {NEGATIVES} "
+                       help=f"main and tune tables: full cross-entropy, or sampled softmax with {NEGATIVES} "
                             "negatives (for data sets too large for the CPU budget; stated in the report)")
         q.add_argument("--grid-lr", type=float, nargs="+", default=None,
                        help="tune: only these learning rates of the grid (e.g. the selected ones, for more seeds)")

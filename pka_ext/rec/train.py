@@ -98,13 +98,14 @@ def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batch
     world, rank = _world()
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
     total, count = 0.0, 0
+    device_type = torch.device(device).type
     model.train()
     for idx in batches:
         global_positions = int((targets[idx] != 0).sum())
         mine = np.array_split(idx, world)[rank]
         x = torch.from_numpy(inputs[mine]).to(device)
         y = torch.from_numpy(targets[mine]).to(device)
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.amp):
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.amp):
             loss_sum = next_item_loss(model, x, y, cfg, num_items, gen)
         optimizer.zero_grad(set_to_none=True)
         (loss_sum * (world / max(global_positions, 1))).backward()

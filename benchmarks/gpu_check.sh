@@ -57,6 +57,17 @@ $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
 step tests 180 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
   --junitxml="$WORK/junit.xml"
+# If a bad call of the op crashes the process (seen once: test_errors, 2026-11-28), the native
+# stack of the crash, from cuda-gdb; nothing when the call raises as it should.
+error_stack() {
+  $PY -c "import sys; sys.path.insert(0, 'tests'); import test_cuda as t
+print(t.error_script(t.ERROR_CASES['cpu_lengths_above_T'][0]))" > "$WORK/error_case.py" || return 1
+  $PY "$WORK/error_case.py" && return 0
+  "${CUDA_GDB:-cuda-gdb}" -q -batch -ex run -ex bt --args $PY "$WORK/error_case.py"
+}
+export PY WORK
+export -f error_stack
+step error_stack 60 bash -c error_stack
 step memcheck 60 "$SAN" --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
 step racecheck 90 "$SAN" --tool racecheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --small
 step bench_op 120 $PY benchmarks/bench_gpu.py --out "$WORK"

@@ -9,12 +9,14 @@
 // otherwise in a per-block slice of a global workspace (same code: generic pointers), which keeps
 // every T working at the price of L2/HBM traffic for long sequences.
 //
-// Forward: per 16-query tile, one warp streams the visible keys in chunks of 64 with an online
-//   softmax (running max m, running sum l of the un-dropped probabilities); dropout multiplies the
-//   probabilities by keep / (1 - p) before they meet V, and the row is divided by l at the end,
-//   exactly the CPU op's dropout(softmax(.)) V. lse = m + log(l) is written in fp32.
+// Forward: per 16-query tile, one warp makes two passes over the visible keys, 64 at a time: the
+//   row maxima of the scores, then the probabilities with those maxima, accumulating P V in
+//   registers (no rescaling, so the output never goes through shared memory) and the row sums l of
+//   the un-dropped probabilities; dropout multiplies the probabilities by keep / (1 - p) before
+//   they meet V, and the row is divided by l at the end, exactly the CPU op's
+//   dropout(softmax(.)) V. lse = max + log(l) is written in fp32.
 // Backward: pass 1 gives every warp whole key tiles (dK_mixed, dV_mixed summed over query tiles
-//   without atomics); pass 2 gives it query tiles (dq); then dk = tril(A_k)^T dK_mixed,
+//   without atomics, accumulated in registers); pass 2 gives it query tiles (dq); then dk = tril(A_k)^T dK_mixed,
 //   dv = tril(A_v)^T dV_mixed, and the kernel gradients dA[s+i, s+j] += dK_mixed[i] . k[j] (j <= i)
 //   go into an fp32 [Hk, T, T] accumulator with atomicAdd: the order of those additions varies
 //   from run to run, so da_k / da_v are not bitwise deterministic. pka_cuda.cu routes the backward
@@ -178,7 +180,8 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       p.lse_out = lse.data_ptr<float>();
       const bool in_smem = !force_workspace() && SM::fwd(p.Tp, true) <= limit;
       if (!in_smem) {
-        work = at::empty({d.B * d.H * kFwdBuffers * p.Tp * D}, q.options());
+        work = at::empty({d.B * d.H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
+                         q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
       const size_t smem = SM::fwd(p.Tp, in_smem);
@@ -227,7 +230,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dav = dav.data_ptr<float>();
       const bool in_smem = !force_workspace() && SM::bwd(p.Tp, true) <= limit;
       if (!in_smem) {
-        work = at::empty({d.B * d.H * kBwdBuffers * p.Tp * D}, q.options());
+        work = at::empty({d.B * d.H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
+                         q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
       const size_t smem = SM::bwd(p.Tp, in_smem);

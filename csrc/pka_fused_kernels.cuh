@@ -29,7 +29,7 @@ namespace wmma = nvcuda::wmma;
 
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = 64;  // keys per online-softmax step in the forward
+constexpr int kChunk = 64;  // keys per softmax step in the forward
 constexpr unsigned kFull = 0xffffffffu;
 
 // bfloat16 WMMA needs sm_80; older targets compile a body that traps (fused_supported() keeps
@@ -143,22 +143,38 @@ struct Params {
   uint32_t threshold;
 };
 
+// Row pitch, in elements of E, of a shared buffer whose rows hold n elements: 16 bytes more than
+// the row. With a pitch of n elements (128 or 256 bytes for the common head dims) every row of a
+// 16-row fragment starts in the same bank and each fragment load or store is an 8- to 32-way bank
+// conflict; 16 bytes of padding put consecutive rows in different banks. Keeps WMMA's rules:
+// pitches are multiples of 16 bytes and 16-row tiles start on 32-byte boundaries.
+template <typename E>
+__host__ __device__ constexpr int pitch(int n) {
+  return n + 16 / static_cast<int>(sizeof(E));
+}
+
 // Shared-memory budget, shared by host (launch size) and device (carving).
-// Block buffers of Tp x D elements: forward K, V and the staging rows; backward K, V, staging
+// Block buffers of Tp rows (pitch ld): forward K, V and the staging rows; backward K, V, staging
 // rows (then dK_mixed) and dV_mixed.
 constexpr int kFwdBuffers = 3;
 constexpr int kBwdBuffers = 4;
 
 template <typename T, int D>
 struct Smem {
-  static constexpr size_t mix = 256 * sizeof(T) + 256 * sizeof(float);  // A tile + fp32 tile
-  static constexpr size_t fwd_warp = 16 * D * sizeof(T) + 16 * kChunk * sizeof(float) +
-                                     16 * kChunk * sizeof(T) + 16 * D * sizeof(float) +
-                                     3 * 16 * sizeof(float);
+  static constexpr int ld = pitch<T>(D);            // block buffers, query / dout tiles
+  static constexpr int ld_s = pitch<float>(kChunk);  // forward scores [16, kChunk]
+  static constexpr int ld_p = pitch<T>(kChunk);      // forward probabilities [16, kChunk]
+  static constexpr int ld_t = pitch<T>(16);          // 16 x 16 tiles of T
+  // A tile of T (kernel-matrix block) + a 16 x 16 fp32 tile, per warp.
+  static constexpr size_t mix = 16 * ld_t * sizeof(T) + 256 * sizeof(float);
+  // Query tile, scores, probabilities.
+  static constexpr size_t fwd_warp =
+      16 * ld * sizeof(T) + 16 * ld_s * sizeof(float) + 16 * ld_p * sizeof(T);
+  // Query and dout tiles, S and dP (fp32 16 x 16), P Z and dS (16 x 16 of T).
   static constexpr size_t bwd_warp =
-      2 * 16 * D * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 256 * sizeof(T) +
-      2 * 16 * D * sizeof(float);
-  __host__ __device__ static size_t buf(int Tp) { return static_cast<size_t>(Tp) * D * sizeof(T); }
+      2 * 16 * ld * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 16 * ld_t * sizeof(T);
+  __host__ __device__ static size_t buf_elems(int Tp) { return static_cast<size_t>(Tp) * ld; }
+  __host__ __device__ static size_t buf(int Tp) { return buf_elems(Tp) * sizeof(T); }
   __host__ __device__ static size_t fwd_warps(int Tp, bool in_smem) {
     // In shared memory, the staging buffer of the mixing step and the warps' scratch share space.
     const size_t warps = kWarps * fwd_warp;
@@ -206,40 +222,70 @@ __device__ Seq seq_of(const Params<T>& p) {
   return q;
 }
 
-// dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows. Whole block.
+// Work dealing: warp w's k-th item (or -1) when n items are dealt to the warps in snake order
+// (0 .. W-1, then W-1 .. 0, ...) starting from the most expensive. An item's cost grows with its
+// index when `rising` (query tiles: tile t sees t + 1 key tiles), else falls with it (key tiles).
+// Round-robin dealing gave warp 0 the largest tile of every round: 28 of 91 units of work at
+// T = 200 against an even share of 23, and the block waits for its slowest warp.
+__device__ __forceinline__ int dealt(int k, int w, int n, bool rising) {
+  const int idx = k * kWarps + ((k & 1) ? kWarps - 1 - w : w);
+  if (idx >= n) return -1;
+  return rising ? n - 1 - idx : idx;
+}
+
+// Two adjacent floats (8-byte aligned): one 64-bit shared-memory access on the device.
+__device__ __forceinline__ void load2(const float* p, float& a, float& b) {
+#ifdef __CUDACC__
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  a = v.x;
+  b = v.y;
+#else
+  a = p[0];
+  b = p[1];
+#endif
+}
+
+// dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows; dst has row pitch LD. Whole block.
 template <typename T, int D>
 __device__ void stage_rows(const T* __restrict__ g, int s, int L, int rows, T* dst) {
+  constexpr int LD = Smem<T, D>::ld;
   for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-    const int r = idx / D;
-    dst[idx] = r < L ? g[static_cast<size_t>(s + r) * D + (idx - r * D)] : from_f<T>(0.f);
+    const int r = idx / D, c = idx - r * D;
+    dst[r * LD + c] = r < L ? g[static_cast<size_t>(s + r) * D + c] : from_f<T>(0.f);
   }
 }
 
-// Rows r < limit of dst = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its transpose) and src
-// is Lp x D with zero rows from L on. Warp w computes the row tiles w, w + kWarps, ...; `stage`
-// (16 x 16 of T) and `tile` (16 x 16 fp32) are the warp's own scratch.
+// Rows r < limit of dst (row pitch ldd) = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its
+// transpose) and src (pitch LD) is Lp rows with zeros from L on. `stage` (16 x 16 of T, pitch
+// ld_t) and `tile` (16 x 16 fp32) are the warp's own scratch.
 template <typename T, int D, bool TRANS>
 __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, const T* src,
-                         T* dst, int limit, T* stage, float* tile) {
+                         T* dst, int ldd, int limit, T* stage, float* tile) {
   using M = Mma<T>;
+  constexpr int LD = Smem<T, D>::ld, LT = Smem<T, D>::ld_t;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int ti = warp; ti < nt; ti += kWarps) {
+  // Output tile ti sums over tj <= ti (ti + 1 tiles), transposed over tj >= ti (nt - ti tiles).
+  for (int k = 0; k * kWarps < nt; ++k) {
+    const int ti = dealt(k, warp, nt, !TRANS);
+    if (ti < 0) continue;
     typename M::Acc acc[D / 16];
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::zero(acc[c]);
     const int lo = TRANS ? ti : 0, hi = TRANS ? nt - 1 : ti;
     for (int tj = lo; tj <= hi; ++tj) {
+      // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
+      // read along its rows, so that the loads are contiguous; the transposed case then reads it
+      // as a column-major operand.
+      const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj;
       for (int e = lane; e < 256; e += 32) {
-        // output row i, summed index j; the element is A[i][j] (j <= i), or A[j][i] (i <= j)
-        const int i = ti * 16 + (e >> 4), j = tj * 16 + (e & 15);
-        const int row = TRANS ? j : i, col = TRANS ? i : j;
-        const bool ok = i < L && j < L && col <= row;
-        stage[e] = ok ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
+        const int row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
+        const bool ok = row < L && col <= row;
+        stage[(e >> 4) * LT + (e & 15)] = ok ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
       }
       __syncwarp();
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
-        M::template mma<false, false>(acc[c], stage, 16, src + static_cast<size_t>(tj) * 16 * D + c * 16, D);
+        M::template mma<TRANS, false>(acc[c], stage, LT, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
       __syncwarp();
     }
 #pragma unroll
@@ -248,7 +294,7 @@ __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, 
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
         const int r = ti * 16 + (e >> 4);
-        if (r < limit) dst[static_cast<size_t>(r) * D + c * 16 + (e & 15)] = from_f<T>(tile[e]);
+        if (r < limit) dst[static_cast<size_t>(r) * ldd + c * 16 + (e & 15)] = from_f<T>(tile[e]);
       }
       __syncwarp();
     }
@@ -256,10 +302,12 @@ __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, 
 }
 
 // da[s+i, s+j] += sum_c G[i, c] X[j, c] for j <= i < L (fp32 atomics into the shared accumulator).
+// G and X have row pitch LD.
 template <typename T, int D>
 __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, int L, int nt,
                             float* tile) {
   using M = Mma<T>;
+  constexpr int LD = Smem<T, D>::ld;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   int n = 0;
   for (int ti = 0; ti < nt; ++ti) {
@@ -269,8 +317,8 @@ __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, in
       M::zero(acc);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
-        M::template mma<false, true>(acc, G + static_cast<size_t>(ti) * 16 * D + c * 16, D,
-                                     X + static_cast<size_t>(tj) * 16 * D + c * 16, D);
+        M::template mma<false, true>(acc, G + static_cast<size_t>(ti) * 16 * LD + c * 16, LD,
+                                     X + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
       M::store(tile, 16, acc);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
@@ -282,21 +330,54 @@ __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, in
   }
 }
 
-// The two block buffers K and V (mixed keys and values) for this block: shared or workspace.
+// The block buffers (nbuf of buf elements each) for this block: shared or workspace.
 template <typename T>
-__device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* smem, int nbuf, int D) {
+__device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* smem, int nbuf,
+                            size_t buf) {
   if (p.work == nullptr) return reinterpret_cast<T*>(smem);
-  return p.work + static_cast<size_t>(q.bh) * nbuf * p.Tp * D;
+  return p.work + static_cast<size_t>(q.bh) * nbuf * buf;
 }
 
-// Rows of 16-row tile t of a [T, D] sequence slice into dst (16 x D), zero beyond L. One warp.
+// Rows of 16-row tile t of a [T, D] sequence slice into dst (16 rows, pitch LD), zero beyond L.
+// One warp.
 template <typename T, int D>
 __device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
+  constexpr int LD = Smem<T, D>::ld;
   const int lane = threadIdx.x & 31;
   for (int e = lane; e < 16 * D; e += 32) {
-    const int rr = t * 16 + e / D;
-    dst[e] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + e % D] : from_f<T>(0.f);
+    const int r = e / D, c = e - r * D, rr = t * 16 + r;
+    dst[r * LD + c] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + c] : from_f<T>(0.f);
   }
+}
+
+// Writes accumulator fragment `acc` (rows 16 t ..., columns c0 ... c0 + 15) times the per-row
+// factor `mul` (lane (r, half) holds row r's) to g[s + row, :] (row pitch D) for rows < L,
+// through the warp's fp32 scratch `tile` (16 x 16). One warp.
+template <typename T, int D>
+__device__ void write_tile(const typename Mma<T>::Acc& acc, float mul, const Seq& q, int t,
+                           int c0, float* tile, T* g) {
+  const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+  Mma<T>::store(tile, 16, acc);
+  __syncwarp();
+  const int rr = t * 16 + r;
+  if (rr < q.L) {
+    T* dst = g + static_cast<size_t>(q.s + rr) * D + c0 + half * 8;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(tile[r * 16 + half * 8 + e] * mul);
+  }
+  __syncwarp();
+}
+
+// Like write_tile, into a block buffer (row pitch LD, rows of the tile, no row limit).
+template <typename T, int D>
+__device__ void keep_tile(const typename Mma<T>::Acc& acc, int t, int c0, float* tile, T* buf) {
+  constexpr int LD = Smem<T, D>::ld;
+  const int lane = threadIdx.x & 31;
+  Mma<T>::store(tile, 16, acc);
+  __syncwarp();
+  for (int e = lane; e < 256; e += 32)
+    buf[static_cast<size_t>(t * 16 + (e >> 4)) * LD + c0 + (e & 15)] = from_f<T>(tile[e]);
+  __syncwarp();
 }
 
 // The [T, T] kernel matrix a head reads: the only one (shared) or its own.
@@ -309,16 +390,37 @@ __device__ const T* head_kernel(const T* a, int heads, int h, int Tn) {
 template <typename T, int D>
 __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T* X, T* K, T* V,
                                 T* stage, float* tile) {
+  constexpr int LD = Smem<T, D>::ld;
   stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
   __syncthreads();
-  mix_rows<T, D, false>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, q.Lp, stage,
-                        tile);
+  mix_rows<T, D, false>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, LD, q.Lp,
+                        stage, tile);
   __syncthreads();
   stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
   __syncthreads();
-  mix_rows<T, D, false>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, q.Lp, stage,
-                        tile);
+  mix_rows<T, D, false>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, LD, q.Lp,
+                        stage, tile);
   __syncthreads();
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// Scores of query tile Qs against key tiles k0 / 16 ... + ntiles - 1 into Sf (pitch ld_s). One warp.
+template <typename T, int D>
+__device__ void score_chunk(const T* Qs, const T* K, int k0, int ntiles, float* Sf) {
+  using M = Mma<T>;
+  constexpr int LD = Smem<T, D>::ld, LS = Smem<T, D>::ld_s;
+  for (int kt = 0; kt < ntiles; ++kt) {
+    typename M::Acc acc;
+    M::zero(acc);
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+      M::template mma<false, true>(acc, Qs + c * 16, LD,
+                                   K + static_cast<size_t>(k0 + kt * 16) * LD + c * 16, LD);
+    M::store(Sf + kt * 16, LS, acc);
+  }
+  __syncwarp();
 }
 
 template <typename T, int D>
@@ -329,6 +431,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   PKA_DYNAMIC_SMEM(smem);
   using M = Mma<T>;
   using SM = Smem<T, D>;
+  constexpr int LS = SM::ld_s, LP = SM::ld_p;
   const Seq q = seq_of(p);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
@@ -338,132 +441,130 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   for (int i = threadIdx.x; i < q.s; i += kThreads) lse[i] = 0.f;
   if (q.L == 0) return;  // uniform over the block
 
-  const size_t buf = static_cast<size_t>(p.Tp) * D;
-  T* K = block_buffers(p, q, smem, kFwdBuffers, D);
+  const size_t buf = SM::buf_elems(p.Tp);
+  T* K = block_buffers(p, q, smem, kFwdBuffers, buf);
   T* V = K + buf;
   T* X = V + buf;  // staged raw rows; in shared memory its space is reused by the warps below
   unsigned char* warps = p.work == nullptr ? reinterpret_cast<unsigned char*>(X) : smem;
   unsigned char* mixs = warps + SM::fwd_warps(p.Tp, p.work == nullptr) + warp * SM::mix;
   T* stage = reinterpret_cast<T*>(mixs);
-  float* tile = reinterpret_cast<float*>(mixs + 256 * sizeof(T));
+  float* tile = reinterpret_cast<float*>(mixs + 16 * SM::ld_t * sizeof(T));
 
   mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
 
   unsigned char* mine = warps + warp * SM::fwd_warp;
-  T* Qs = reinterpret_cast<T*>(mine);                  // [16, D]
-  float* Sf = reinterpret_cast<float*>(Qs + 16 * D);   // [16, kChunk] raw scores
-  T* P = reinterpret_cast<T*>(Sf + 16 * kChunk);       // [16, kChunk] probabilities (x dropout)
-  float* O = reinterpret_cast<float*>(P + 16 * kChunk);  // [16, D] unnormalised output
-  float* m = O + 16 * D;
-  float* l = m + 16;
-  float* alpha = l + 16;
-  const int r = lane >> 1, half = lane & 1;  // two lanes per query row in the softmax steps
+  T* Qs = reinterpret_cast<T*>(mine);                   // [16, ld]
+  float* Sf = reinterpret_cast<float*>(Qs + 16 * SM::ld);  // [16, ld_s] raw scores
+  T* P = reinterpret_cast<T*>(Sf + 16 * LS);            // [16, ld_p] probabilities (x dropout)
+  // Lane (r, half) owns query row r of the tile and, in each chunk, the column pairs
+  // 4 it + 2 half, + 1: the pair of lanes of a row reads 16 contiguous bytes per step, and the 16
+  // rows fall in different banks (pitch ld_s).
+  const int r = lane >> 1, half = lane & 1;
+  const float c2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
 
-  for (int qt = warp; qt < q.nt; qt += kWarps) {
+  for (int k = 0; k * kWarps < q.nt; ++k) {
+    const int qt = dealt(k, warp, q.nt, true);
+    if (qt < 0) continue;
     const int i = qt * 16 + r;
     const bool row_ok = i < q.L;
     stage_tile<T, D>(p.q + base, q, qt, Qs);
-    for (int e = lane; e < 16 * D; e += 32) O[e] = 0.f;
-    if (lane < 16) {
-      m[lane] = -INFINITY;
-      l[lane] = 0.f;
-    }
     __syncwarp();
-    const uint32_t key = p.dropout && row_ok ? dropout_row_key(p.seed, q.b, q.h, q.s + i) : 0u;
     const int last = min(qt * 16 + 15, q.L - 1);  // the tile's last visible key
+    // Two passes over the visible keys: the row maxima first, then the probabilities with the
+    // final maxima, so that the output accumulates in registers with no rescaling (the scores
+    // are recomputed: tensor-core work is cheap here, shared-memory traffic is not).
+    float m2 = -INFINITY;
     for (int k0 = 0; k0 <= last; k0 += kChunk) {
       const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
-      for (int kt = 0; kt < ntiles; ++kt) {
-        typename M::Acc acc;
-        M::zero(acc);
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-          M::template mma<false, true>(acc, Qs + c * 16, D,
-                                       K + static_cast<size_t>(k0 + kt * 16) * D + c * 16, D);
-        M::store(Sf + kt * 16, kChunk, acc);
+      score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
+      for (int it = 0; it < 4 * ntiles; ++it) {
+        const int c = 4 * it + 2 * half, j = k0 + c;
+        float s0, s1;
+        load2(Sf + r * LS + c, s0, s1);
+        if (row_ok && j <= i) m2 = fmaxf(m2, s0 * c2);
+        if (row_ok && j + 1 <= i) m2 = fmaxf(m2, s1 * c2);
       }
       __syncwarp();
-      float mx = -INFINITY;
-      for (int c = half * 32; c < half * 32 + 32; ++c)
-        if (row_ok && k0 + c <= i) mx = fmaxf(mx, Sf[r * kChunk + c] * p.scale);
-      mx = fmaxf(mx, __shfl_xor_sync(kFull, mx, 1));
-      const float m_old = m[r], m_new = fmaxf(m_old, mx);
-      // m_new is finite on every real row after the first chunk (key 0 is visible to all).
-      const float a = m_new == -INFINITY ? 1.f : expf(m_old - m_new);
-      float sum = 0.f;
-      for (int c = half * 32; c < half * 32 + 32; ++c) {
-        const int j = k0 + c;
-        float pv = 0.f;
-        if (row_ok && j <= i) {
-          const float e = expf(Sf[r * kChunk + c] * p.scale - m_new);
-          sum += e;
-          pv = !p.dropout ? e : (dropout_keep(key, q.s + j, p.threshold) ? e * p.keep_scale : 0.f);
+    }
+    m2 = fmaxf(m2, __shfl_xor_sync(kFull, m2, 1));
+    // m2 is finite on every real row (key 0 is visible to all).
+
+    const uint32_t key = p.dropout && row_ok ? dropout_row_key(p.seed, q.b, q.h, q.s + i) : 0u;
+    typename M::Acc o[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) M::zero(o[c]);
+    float l = 0.f;  // sum of the un-dropped probabilities
+    for (int k0 = 0; k0 <= last; k0 += kChunk) {
+      const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
+      score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
+      for (int it = 0; it < 4 * ntiles; ++it) {
+        const int c = 4 * it + 2 * half, j = k0 + c;
+        float s0, s1;
+        load2(Sf + r * LS + c, s0, s1);
+        float e0 = 0.f, e1 = 0.f;
+        if (row_ok && j <= i) e0 = exp2f(s0 * c2 - m2);
+        if (row_ok && j + 1 <= i) e1 = exp2f(s1 * c2 - m2);
+        l += e0 + e1;
+        if (p.dropout) {
+          e0 = dropout_keep(key, q.s + j, p.threshold) ? e0 * p.keep_scale : 0.f;
+          e1 = dropout_keep(key, q.s + j + 1, p.threshold) ? e1 * p.keep_scale : 0.f;
         }
-        P[r * kChunk + c] = from_f<T>(pv);
+        P[r * LP + c] = from_f<T>(e0);
+        P[r * LP + c + 1] = from_f<T>(e1);
       }
-      sum += __shfl_xor_sync(kFull, sum, 1);
-      __syncwarp();
-      if (half == 0) {
-        m[r] = m_new;
-        l[r] = l[r] * a + sum;
-        alpha[r] = a;
-      }
-      __syncwarp();
-      for (int e = lane; e < 16 * D; e += 32) O[e] *= alpha[e / D];
       __syncwarp();
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        typename M::Acc acc;
-        M::load(acc, O + c * 16, D);
+      for (int c = 0; c < D / 16; ++c)
         for (int kt = 0; kt < ntiles; ++kt)
-          M::template mma<false, false>(acc, P + kt * 16, kChunk,
-                                        V + static_cast<size_t>(k0 + kt * 16) * D + c * 16, D);
-        M::store(O + c * 16, D, acc);
-      }
+          M::template mma<false, false>(o[c], P + kt * 16, LP,
+                                        V + static_cast<size_t>(k0 + kt * 16) * SM::ld + c * 16, SM::ld);
       __syncwarp();
     }
-    for (int e = lane; e < 16 * D; e += 32) {
-      const int rr = qt * 16 + e / D;
-      if (rr < q.L) out[static_cast<size_t>(q.s + rr) * D + e % D] = from_f<T>(O[e] / l[e / D]);
-    }
-    if (half == 0 && row_ok) lse[q.s + i] = m[r] + logf(l[r]);
-    __syncwarp();
+    l += __shfl_xor_sync(kFull, l, 1);
+    const float inv = row_ok ? 1.f / l : 0.f;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) write_tile<T, D>(o[c], inv, q, qt, c * 16, Sf, out);
+    if (half == 0 && row_ok) lse[q.s + i] = (m2 + log2f(l)) * kLn2;
   }
 #endif
 }
 
 // Scores S = Q K_t^T and dP = dO V_t^T of one 16 x 16 (query tile, key tile) pair, turned into
 // PZ = P Z and dS = P (Z dP - Delta) scale with P = exp(scale S - lse) on visible pairs, else 0.
+// lse2 holds lse in log2 units. PZ and dS have pitch ld_t.
 template <typename T, int D>
 __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, const T* Qs,
-                            const T* dOs, const T* K, const T* V, const float* lse_s,
+                            const T* dOs, const T* K, const T* V, const float* lse2,
                             const float* delta, const uint32_t* rowkey, float* Sf, float* dPf,
                             T* PZ, T* dS) {
   using M = Mma<T>;
+  constexpr int LD = Smem<T, D>::ld, LT = Smem<T, D>::ld_t;
   const int lane = threadIdx.x & 31;
   typename M::Acc s_acc, dp_acc;
   M::zero(s_acc);
   M::zero(dp_acc);
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
-    M::template mma<false, true>(s_acc, Qs + c * 16, D, K + static_cast<size_t>(kt) * 16 * D + c * 16, D);
-    M::template mma<false, true>(dp_acc, dOs + c * 16, D, V + static_cast<size_t>(kt) * 16 * D + c * 16, D);
+    M::template mma<false, true>(s_acc, Qs + c * 16, LD, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
+    M::template mma<false, true>(dp_acc, dOs + c * 16, LD, V + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
   }
   M::store(Sf, 16, s_acc);
   M::store(dPf, 16, dp_acc);
   __syncwarp();
+  const float c2 = p.scale * kLog2e;
   for (int e = lane; e < 256; e += 32) {
     const int i = qt * 16 + (e >> 4), j = kt * 16 + (e & 15);
     float pz = 0.f, ds = 0.f;
     if (i < q.L && j <= i) {
-      const float prob = expf(Sf[e] * p.scale - lse_s[i]);
+      const float prob = exp2f(Sf[e] * c2 - lse2[i]);
       const float z = !p.dropout ? 1.f
                                  : (dropout_keep(rowkey[i], q.s + j, p.threshold) ? p.keep_scale : 0.f);
       pz = prob * z;
       ds = prob * (z * dPf[e] - delta[i]) * p.scale;
     }
-    if (PZ != nullptr) PZ[e] = from_f<T>(pz);
-    dS[e] = from_f<T>(ds);
+    const int at = (e >> 4) * LT + (e & 15);
+    if (PZ != nullptr) PZ[at] = from_f<T>(pz);
+    dS[at] = from_f<T>(ds);
   }
   __syncwarp();
 }
@@ -477,8 +578,9 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   PKA_DYNAMIC_SMEM(smem);
   using M = Mma<T>;
   using SM = Smem<T, D>;
+  constexpr int LD = SM::ld, LT = SM::ld_t;
   const Seq q = seq_of(p);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
   for (int idx = threadIdx.x; idx < q.s * D; idx += kThreads) {
     p.dq[base + idx] = from_f<T>(0.f);
@@ -487,17 +589,17 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   }
   if (q.L == 0) return;
 
-  const size_t buf = static_cast<size_t>(p.Tp) * D;
-  T* K = block_buffers(p, q, smem, kBwdBuffers, D);
+  const size_t buf = SM::buf_elems(p.Tp);
+  T* K = block_buffers(p, q, smem, kBwdBuffers, buf);
   T* V = K + buf;
   T* X = V + buf;   // staged raw rows, then dK_mixed
   T* dV = X + buf;  // dV_mixed
   unsigned char* warps = p.work == nullptr ? smem + kBwdBuffers * SM::buf(p.Tp) : smem;
   unsigned char* mixs = warps + kWarps * SM::bwd_warp + warp * SM::mix;
   T* stage = reinterpret_cast<T*>(mixs);
-  float* tile = reinterpret_cast<float*>(mixs + 256 * sizeof(T));
-  float* lse_s = reinterpret_cast<float*>(warps + kWarps * (SM::bwd_warp + SM::mix));
-  float* delta = lse_s + p.Tp;
+  float* tile = reinterpret_cast<float*>(mixs + 16 * LT * sizeof(T));
+  float* lse2 = reinterpret_cast<float*>(warps + kWarps * (SM::bwd_warp + SM::mix));
+  float* delta = lse2 + p.Tp;
   uint32_t* rowkey = reinterpret_cast<uint32_t*>(delta + p.Tp);
 
   const T* dout = p.dout + base;
@@ -507,75 +609,71 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
     if (i < q.L) {
       const size_t row = static_cast<size_t>(q.s + i) * D;
       for (int c = 0; c < D; ++c) d += to_f(dout[row + c]) * to_f(p.o[base + row + c]);
-      l = p.lse[static_cast<size_t>(q.bh) * p.T + q.s + i];
+      l = p.lse[static_cast<size_t>(q.bh) * p.T + q.s + i] * kLog2e;
       if (p.dropout) key = dropout_row_key(p.seed, q.b, q.h, q.s + i);
     }
     delta[i] = d;
-    lse_s[i] = l;
+    lse2[i] = l;
     rowkey[i] = key;
   }
   mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
   T* dK = X;
 
   unsigned char* mine = warps + warp * SM::bwd_warp;
-  T* Qs = reinterpret_cast<T*>(mine);
-  T* dOs = Qs + 16 * D;
-  float* Sf = reinterpret_cast<float*>(dOs + 16 * D);
+  T* Qs = reinterpret_cast<T*>(mine);   // [16, ld]
+  T* dOs = Qs + 16 * LD;                // [16, ld]
+  float* Sf = reinterpret_cast<float*>(dOs + 16 * LD);
   float* dPf = Sf + 256;
-  T* PZ = reinterpret_cast<T*>(dPf + 256);
-  T* dS = PZ + 256;
-  float* accK = reinterpret_cast<float*>(dS + 256);  // [16, D]: dK_mixed, then dq
-  float* accV = accK + 16 * D;                       // [16, D]: dV_mixed
+  T* PZ = reinterpret_cast<T*>(dPf + 256);  // [16, ld_t]
+  T* dS = PZ + 16 * LT;                     // [16, ld_t]
 
-  // Pass 1: each warp owns key tiles and sums over every query tile that sees them.
-  for (int kt = warp; kt < q.nt; kt += kWarps) {
-    for (int e = lane; e < 16 * D; e += 32) accK[e] = accV[e] = 0.f;
+  // Pass 1: each warp owns key tiles and sums over every query tile that sees them, in registers.
+  for (int k = 0; k * kWarps < q.nt; ++k) {
+    const int kt = dealt(k, warp, q.nt, false);
+    if (kt < 0) continue;
+    typename M::Acc gk[D / 16], gv[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      M::zero(gk[c]);
+      M::zero(gv[c]);
+    }
     for (int qt = kt; qt < q.nt; ++qt) {
       stage_tile<T, D>(p.q + base, q, qt, Qs);
       stage_tile<T, D>(dout, q, qt, dOs);
       __syncwarp();
-      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse_s, delta, rowkey, Sf, dPf, PZ, dS);
+      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, PZ, dS);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        typename M::Acc a;
-        M::load(a, accV + c * 16, D);
-        M::template mma<true, false>(a, PZ, 16, dOs + c * 16, D);
-        M::store(accV + c * 16, D, a);
-        M::load(a, accK + c * 16, D);
-        M::template mma<true, false>(a, dS, 16, Qs + c * 16, D);
-        M::store(accK + c * 16, D, a);
+        M::template mma<true, false>(gv[c], PZ, LT, dOs + c * 16, LD);
+        M::template mma<true, false>(gk[c], dS, LT, Qs + c * 16, LD);
       }
       __syncwarp();
     }
-    for (int e = lane; e < 16 * D; e += 32) {
-      const size_t at = static_cast<size_t>(kt) * 16 * D + e;
-      dK[at] = from_f<T>(accK[e]);
-      dV[at] = from_f<T>(accV[e]);
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      keep_tile<T, D>(gk[c], kt, c * 16, Sf, dK);
+      keep_tile<T, D>(gv[c], kt, c * 16, Sf, dV);
     }
-    __syncwarp();
   }
   // Pass 2: each warp owns query tiles: dq = dS K over the visible key tiles.
-  for (int qt = warp; qt < q.nt; qt += kWarps) {
-    for (int e = lane; e < 16 * D; e += 32) accK[e] = 0.f;
+  for (int k = 0; k * kWarps < q.nt; ++k) {
+    const int qt = dealt(k, warp, q.nt, true);
+    if (qt < 0) continue;
+    typename M::Acc gq[D / 16];
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) M::zero(gq[c]);
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     stage_tile<T, D>(dout, q, qt, dOs);
     __syncwarp();
     for (int kt = 0; kt <= qt; ++kt) {
-      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse_s, delta, rowkey, Sf, dPf, nullptr, dS);
+      score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, nullptr, dS);
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        typename M::Acc a;
-        M::load(a, accK + c * 16, D);
-        M::template mma<false, false>(a, dS, 16, K + static_cast<size_t>(kt) * 16 * D + c * 16, D);
-        M::store(accK + c * 16, D, a);
-      }
+      for (int c = 0; c < D / 16; ++c)
+        M::template mma<false, false>(gq[c], dS, LT, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
       __syncwarp();
     }
-    for (int e = lane; e < 16 * D; e += 32) {
-      const int rr = qt * 16 + e / D;
-      if (rr < q.L) p.dq[base + static_cast<size_t>(q.s + rr) * D + e % D] = from_f<T>(accK[e]);
-    }
-    __syncwarp();
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) write_tile<T, D>(gq[c], 1.f, q, qt, c * 16, Sf, p.dq + base);
   }
   __syncthreads();
   // K and V are no longer needed: the raw rows go there for the kernel gradients.
@@ -584,9 +682,9 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   __syncthreads();
   const size_t first = base + static_cast<size_t>(q.s) * D;
   mix_rows<T, D, true>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, dK, p.dk + first,
-                       q.L, stage, tile);
+                       D, q.L, stage, tile);
   mix_rows<T, D, true>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, dV, p.dv + first,
-                       q.L, stage, tile);
+                       D, q.L, stage, tile);
   kernel_grad<T, D>(dK, K, p.dak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
                     q.L, q.nt, tile);
   kernel_grad<T, D>(dV, V, p.dav + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,

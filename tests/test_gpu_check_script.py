@@ -9,7 +9,7 @@ import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ("build", "tests", "memcheck", "racecheck", "bench_op", "bench_train", "bench_train_amp", "ncu")
+STEPS = ("build", "tests", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train", "bench_train_amp", "ncu")
 
 
 def run_check(tmp_path, python, budget):

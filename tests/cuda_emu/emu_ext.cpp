@@ -93,7 +93,8 @@ std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor a
     using SM = Smem<E, Dv>;
     in_smem = !workspace && SM::fwd(p.Tp, true) <= kDeviceSmem;
     if (!in_smem) {
-      work = at::full({B * H * kFwdBuffers * p.Tp * Dv}, NAN, q.options());
+      work = at::full({B * H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
+                      q.options());
       p.work = ptr<E>(work);
     }
     pka_emu::launch(pka_fwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,
@@ -127,7 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     using SM = Smem<E, Dv>;
     const bool in_smem = !workspace && SM::bwd(p.Tp, true) <= kDeviceSmem;
     if (!in_smem) {
-      work = at::full({B * H * kBwdBuffers * p.Tp * Dv}, NAN, q.options());
+      work = at::full({B * H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
+                      q.options());
       p.work = ptr<E>(work);
     }
     pka_emu::launch(pka_bwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,

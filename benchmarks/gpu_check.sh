@@ -51,7 +51,9 @@ step() {
 }
 
 : > "$WORK/summary.txt"
-(date -u; nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)") > "$WORK/machine.txt" 2>&1
+(date -u; nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)"
+ echo "tree: $(git rev-parse HEAD 2>/dev/null || echo 'no git metadata')$(git status --porcelain 2>/dev/null | grep -q . && echo ' + uncommitted changes')"
+ gcc --version | head -n 1) > "$WORK/machine.txt" 2>&1
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
 step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
@@ -64,6 +66,11 @@ error_stack() {
 print(t.error_script(t.ERROR_CASES['cpu_lengths_above_T'][0]))" > "$WORK/error_case.py" || return 1
   $PY "$WORK/error_case.py" && return 0
   "${CUDA_GDB:-cuda-gdb}" -q -batch -ex run -ex bt --args $PY "$WORK/error_case.py"
+  # Which C++ runtime the process maps, and which std:: code the extension carries itself (the
+  # 2026-11-28 stack ended in std::ostream::_M_insert<long> inside the extension).
+  $PY -c "import pka_ext; print(''.join(l for l in open('/proc/self/maps') if 'stdc++' in l))"
+  ldd pka_ext/_C*.so
+  nm -C --defined-only pka_ext/_C*.so | grep -E "std::(basic_ostream|ostream|num_put|locale)" | head -n 40
 }
 export PY WORK
 export -f error_stack

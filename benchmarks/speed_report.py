@@ -116,9 +116,12 @@ def train_section(step, epoch) -> list[str]:
 
 def gpu_section() -> list[str]:
     md = ["## GPU", ""]
-    # The GPU check's archive is unpacked into results/gpu/; a standalone run writes to results/.
-    files = sorted(glob.glob(os.path.join(RESULTS, "**", "gpu_op_*.md"), recursive=True) +
-                   glob.glob(os.path.join(RESULTS, "**", "train_step_cuda*.md"), recursive=True))
+    # The latest GPU check's archive is unpacked into results/gpu/ (earlier runs, kept for the tuning
+    # history in gpu_notes.md, live in sibling folders); a standalone run writes to results/.
+    files = sorted(glob.glob(os.path.join(RESULTS, "gpu", "gpu_op_*.md")) +
+                   glob.glob(os.path.join(RESULTS, "gpu", "train_step_cuda*.md")) +
+                   glob.glob(os.path.join(RESULTS, "gpu_op_*.md")) +
+                   glob.glob(os.path.join(RESULTS, "train_step_cuda*.md")))
     if not files:
         return md + ["No GPU results yet: no GPU run of `bash benchmarks/gpu_check.sh` has been recorded "
                      "(see the README's status section).", ""]

@@ -29,6 +29,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <limits>
 #include <mutex>
@@ -97,6 +98,13 @@ bool force_workspace() {
   return env != nullptr && env[0] != '\0' && env[0] != '0';
 }
 
+// The kernels copy rows of q, k, v, dout and out in 16-byte chunks: a tensor whose data does not
+// start on a 16-byte boundary (a view with an odd storage offset) is copied first.
+Tensor contiguous16(const Tensor& t) {
+  Tensor c = t.contiguous();
+  return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
+}
+
 int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
 
 template <typename T>
@@ -161,7 +169,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
                                          double scale, double dropout_p,
                                          const std::optional<Tensor>& seed) {
   c10::cuda::CUDAGuard device_guard(q_.device());
-  const Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
+  const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
   const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
   const Tensor len = device_lengths(lengths, q);
   Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
@@ -203,8 +211,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
     const Tensor& out_, const Dims& d, double scale, double dropout_p,
     const std::optional<Tensor>& seed) {
   c10::cuda::CUDAGuard device_guard(q_.device());
-  const Tensor q = q_.contiguous(), k = k_.contiguous(), v = v_.contiguous();
-  const Tensor dout = dout_.contiguous(), out = out_.contiguous(), lse = lse_.contiguous();
+  const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
+  const Tensor dout = contiguous16(dout_), out = contiguous16(out_), lse = lse_.contiguous();
   const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
   const Tensor len = device_lengths(lengths, q);
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);

@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 
 #ifdef __CUDACC__
@@ -245,14 +246,62 @@ __device__ __forceinline__ void load2(const float* p, float& a, float& b) {
 #endif
 }
 
+// 16 bytes of a row: the unit of the staging copies. The entry points hand the kernels q, k, v,
+// dout and out 16-byte aligned, and every row (D * sizeof(T) bytes) is a multiple of 16, so each
+// chunk is one 128-bit load; several are issued before the first is stored, because a staging loop
+// that waits for each load in turn spends an L2 round trip per element (the profile of the
+// 2026-11-28 kernels: two thirds of the forward's stall cycles).
+#ifdef __CUDACC__
+using Chunk = uint4;
+__device__ __forceinline__ void ld16(const void* src, Chunk& c) { c = *reinterpret_cast<const uint4*>(src); }
+__device__ __forceinline__ void st16(void* dst, const Chunk& c) { *reinterpret_cast<uint4*>(dst) = c; }
+#else
+struct Chunk {
+  uint32_t x, y, z, w;
+};
+__device__ __forceinline__ void ld16(const void* src, Chunk& c) {
+  PKA_EMU_REQUIRE_ALIGNED16(src);
+  std::memcpy(&c, src, 16);
+}
+__device__ __forceinline__ void st16(void* dst, const Chunk& c) {
+  PKA_EMU_REQUIRE_ALIGNED16(dst);
+  std::memcpy(dst, &c, 16);
+}
+#endif
+__device__ __forceinline__ Chunk zero_chunk() {
+  Chunk c;
+  c.x = c.y = c.z = c.w = 0u;  // all-zero bits are 0.0 in every float type
+  return c;
+}
+
+// rows x D elements from global rows g[g0 + r, :] (row r valid when r < valid, else zeros) into
+// dst[r * ldd + :], by `threads` threads numbered t. Up to 4 chunks per thread in flight.
+template <typename T, int D>
+__device__ void copy_rows(const T* __restrict__ g, int g0, int valid, int rows, T* dst, int ldd,
+                          int t, int threads) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T)), CPR = D / V;  // chunks per row
+  constexpr int U = 4;
+  const int n = rows * CPR;
+  for (int first = t; first < n; first += U * threads) {
+    Chunk c[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = first + u * threads, r = idx / CPR;
+      c[u] = zero_chunk();
+      if (idx < n && r < valid) ld16(g + static_cast<size_t>(g0 + r) * D + (idx - r * CPR) * V, c[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int idx = first + u * threads, r = idx / CPR;
+      if (idx < n) st16(dst + static_cast<size_t>(r) * ldd + (idx - r * CPR) * V, c[u]);
+    }
+  }
+}
+
 // dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows; dst has row pitch LD. Whole block.
 template <typename T, int D>
 __device__ void stage_rows(const T* __restrict__ g, int s, int L, int rows, T* dst) {
-  constexpr int LD = Smem<T, D>::ld;
-  for (int idx = threadIdx.x; idx < rows * D; idx += kThreads) {
-    const int r = idx / D, c = idx - r * D;
-    dst[r * LD + c] = r < L ? g[static_cast<size_t>(s + r) * D + c] : from_f<T>(0.f);
-  }
+  copy_rows<T, D>(g, s, L, rows, dst, Smem<T, D>::ld, threadIdx.x, kThreads);
 }
 
 // Rows r < limit of dst (row pitch ldd) = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its
@@ -272,17 +321,28 @@ __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, 
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::zero(acc[c]);
     const int lo = TRANS ? ti : 0, hi = TRANS ? nt - 1 : ti;
-    for (int tj = lo; tj <= hi; ++tj) {
-      // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
-      // read along its rows, so that the loads are contiguous; the transposed case then reads it
-      // as a column-major operand.
+    // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
+    // read along its rows, so that the loads are contiguous; the transposed case then reads it as
+    // a column-major operand. Its rows start anywhere (s is arbitrary), so the loads are scalar:
+    // all 8 of a lane are issued together, and the next block's while this one is multiplied.
+    T a[8];
+    auto fetch = [&](int tj) {
       const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj;
-      for (int e = lane; e < 256; e += 32) {
-        const int row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
-        const bool ok = row < L && col <= row;
-        stage[(e >> 4) * LT + (e & 15)] = ok ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int e = lane + 32 * u, row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
+        a[u] = row < L && col <= row ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
+      }
+    };
+    fetch(lo);
+    for (int tj = lo; tj <= hi; ++tj) {
+#pragma unroll
+      for (int u = 0; u < 8; ++u) {
+        const int e = lane + 32 * u;
+        stage[(e >> 4) * LT + (e & 15)] = a[u];
       }
       __syncwarp();
+      if (tj < hi) fetch(tj + 1);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
         M::template mma<TRANS, false>(acc[c], stage, LT, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
@@ -342,12 +402,7 @@ __device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* sme
 // One warp.
 template <typename T, int D>
 __device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
-  constexpr int LD = Smem<T, D>::ld;
-  const int lane = threadIdx.x & 31;
-  for (int e = lane; e < 16 * D; e += 32) {
-    const int r = e / D, c = e - r * D, rr = t * 16 + r;
-    dst[r * LD + c] = rr < q.L ? g[static_cast<size_t>(q.s + rr) * D + c] : from_f<T>(0.f);
-  }
+  copy_rows<T, D>(g, q.s + t * 16, q.L - t * 16, 16, dst, Smem<T, D>::ld, threadIdx.x & 31, 32);
 }
 
 // Writes accumulator fragment `acc` (rows 16 t ..., columns c0 ... c0 + 15) times the per-row
@@ -607,8 +662,18 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
     float d = 0.f, l = 0.f;
     uint32_t key = 0u;
     if (i < q.L) {
+      constexpr int V = 16 / static_cast<int>(sizeof(T));
       const size_t row = static_cast<size_t>(q.s + i) * D;
-      for (int c = 0; c < D; ++c) d += to_f(dout[row + c]) * to_f(p.o[base + row + c]);
+#pragma unroll 4
+      for (int c = 0; c < D; c += V) {
+        Chunk x, y;
+        ld16(dout + row + c, x);
+        ld16(p.o + base + row + c, y);
+        const T* xs = reinterpret_cast<const T*>(&x);
+        const T* ys = reinterpret_cast<const T*>(&y);
+#pragma unroll
+        for (int e = 0; e < V; ++e) d += to_f(xs[e]) * to_f(ys[e]);
+      }
       l = p.lse[static_cast<size_t>(q.bh) * p.T + q.s + i] * kLog2e;
       if (p.dropout) key = dropout_row_key(p.seed, q.b, q.h, q.s + i);
     }

@@ -12,6 +12,7 @@
 #include <barrier>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -89,3 +90,11 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline int min(int a, int b) { return a < b ? a : b; }
+// The kernels' 16-byte vector copies: misaligned on the device is a fault, so here an abort.
+#define PKA_EMU_REQUIRE_ALIGNED16(p)                                              \
+  do {                                                                            \
+    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {                         \
+      std::fprintf(stderr, "emulated CUDA: 16-byte access not 16-byte aligned\n"); \
+      std::abort();                                                               \
+    }                                                                             \
+  } while (0)

@@ -53,10 +53,14 @@ step() {
 : > "$WORK/summary.txt"
 (date -u; nvidia-smi; $PY -c "import torch; print(torch.__version__, torch.version.cuda)"
  echo "tree: $(git rev-parse HEAD 2>/dev/null || echo 'no git metadata')$(git status --porcelain 2>/dev/null | grep -q . && echo ' + uncommitted changes')"
- gcc --version | head -n 1) > "$WORK/machine.txt" 2>&1
+ gcc --version | head -n 1
+ # The toolchain settings an extension build inherits (the 2026-11-28 crash pointed at a copy of
+ # libstdc++ inside the extension).
+ $PY -c "import sysconfig as s; [print(k, '=', s.get_config_var(k)) for k in ('CC', 'CXX', 'LDSHARED', 'LDFLAGS', 'CFLAGS')]"
+ env | grep -E '^(CC|CXX|CFLAGS|CXXFLAGS|LDFLAGS|CPPFLAGS)=') > "$WORK/machine.txt" 2>&1
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
-step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
+step build 240 $PY -m pip install -v --no-build-isolation --no-deps -e .  # -v: the compile and link lines
 step tests 180 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
   --junitxml="$WORK/junit.xml"
 # If a bad call of the op crashes the process (seen once: test_errors, 2026-11-28), the native
@@ -70,7 +74,7 @@ print(t.error_script(t.ERROR_CASES['cpu_lengths_above_T'][0]))" > "$WORK/error_c
   # 2026-11-28 stack ended in std::ostream::_M_insert<long> inside the extension).
   $PY -c "import pka_ext; print(''.join(l for l in open('/proc/self/maps') if 'stdc++' in l))"
   ldd pka_ext/_C*.so
-  nm -C --defined-only pka_ext/_C*.so | grep -E "std::(basic_ostream|ostream|num_put|locale)" | head -n 40
+  nm -C --defined-only pka_ext/_C*.so | grep -E "std::(basic_ostream|ostream|num_put|locale|codecvt)" | head -n 40
 }
 export PY WORK
 export -f error_stack

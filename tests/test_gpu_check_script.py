@@ -35,10 +35,10 @@ def test_budget_skips_the_remaining_steps(tmp_path):
     slow = tmp_path / "slow_python"
     slow.write_text("#!/bin/sh\nsleep 5\n")
     slow.chmod(0o755)
-    # The machine line, the xdist probe and the build take 5 s each: 15 s of a 34 s budget leave
-    # 19 s, enough for the tests step (5 s, runs while at least 15 s are left); after it 14 s are
-    # left, so the rest is skipped. Up to 4 s of overhead keep the same outcome.
-    _, summary, names = run_check(tmp_path, str(slow), 34)
+    # The machine lines (two python calls), the xdist probe and the build take 5 s each: 20 s of a
+    # 39 s budget leave 19 s, enough for the tests step (5 s, runs while at least 15 s are left);
+    # after it 14 s are left, so the rest is skipped. Up to 4 s of overhead keep the same outcome.
+    _, summary, names = run_check(tmp_path, str(slow), 39)
     assert summary[0].startswith("build rc=0") and summary[1].startswith("tests rc=0")
-    assert all(line.endswith("skipped (budget of 34s spent)") for line in summary[2:-1])
+    assert all(line.endswith("skipped (budget of 39s spent)") for line in summary[2:-1])
     assert "tests.log" in names and "memcheck.log" not in names

@@ -478,6 +478,28 @@ __device__ void score_chunk(const T* Qs, const T* K, int k0, int ntiles, float* 
   __syncwarp();
 }
 
+// Streams query tile Qs's visible keys (0 ... last) in chunks of kChunk: the scores go to Sf, then
+// f(c, j, s0, s1) runs for each of the lane's column pairs (chunk column c, key j, scores of keys
+// j and j + 1; lane (r, half) owns row r and the pairs 4 it + 2 half), then after(k0, ntiles)
+// once per chunk. One warp.
+template <typename T, int D, typename F, typename G>
+__device__ void over_scores(const T* Qs, const T* K, int last, float* Sf, F&& f, G&& after) {
+  constexpr int LS = Smem<T, D>::ld_s;
+  const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
+  for (int k0 = 0; k0 <= last; k0 += kChunk) {
+    const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
+    score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
+    for (int it = 0; it < 4 * ntiles; ++it) {
+      const int c = 4 * it + 2 * half;
+      float s0, s1;
+      load2(Sf + r * LS + c, s0, s1);
+      f(c, k0 + c, s0, s1);
+    }
+    __syncwarp();
+    after(k0, ntiles);
+  }
+}
+
 template <typename T, int D>
 __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
@@ -511,9 +533,8 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   T* Qs = reinterpret_cast<T*>(mine);                   // [16, ld]
   float* Sf = reinterpret_cast<float*>(Qs + 16 * SM::ld);  // [16, ld_s] raw scores
   T* P = reinterpret_cast<T*>(Sf + 16 * LS);            // [16, ld_p] probabilities (x dropout)
-  // Lane (r, half) owns query row r of the tile and, in each chunk, the column pairs
-  // 4 it + 2 half, + 1: the pair of lanes of a row reads 16 contiguous bytes per step, and the 16
-  // rows fall in different banks (pitch ld_s).
+  // Lane (r, half) owns query row r of the tile (see over_scores): the pair of lanes of a row reads
+  // 16 contiguous bytes of scores per step, and the 16 rows fall in different banks (pitch ld_s).
   const int r = lane >> 1, half = lane & 1;
   const float c2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
 
@@ -529,18 +550,10 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
     // final maxima, so that the output accumulates in registers with no rescaling (the scores
     // are recomputed: tensor-core work is cheap here, shared-memory traffic is not).
     float m2 = -INFINITY;
-    for (int k0 = 0; k0 <= last; k0 += kChunk) {
-      const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
-      score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
-      for (int it = 0; it < 4 * ntiles; ++it) {
-        const int c = 4 * it + 2 * half, j = k0 + c;
-        float s0, s1;
-        load2(Sf + r * LS + c, s0, s1);
-        if (row_ok && j <= i) m2 = fmaxf(m2, s0 * c2);
-        if (row_ok && j + 1 <= i) m2 = fmaxf(m2, s1 * c2);
-      }
-      __syncwarp();
-    }
+    over_scores<T, D>(Qs, K, last, Sf, [&](int c, int j, float s0, float s1) {
+      if (row_ok && j <= i) m2 = fmaxf(m2, s0 * c2);
+      if (row_ok && j + 1 <= i) m2 = fmaxf(m2, s1 * c2);
+    }, [](int, int) {});
     m2 = fmaxf(m2, __shfl_xor_sync(kFull, m2, 1));
     // m2 is finite on every real row (key 0 is visible to all).
 
@@ -549,32 +562,25 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::zero(o[c]);
     float l = 0.f;  // sum of the un-dropped probabilities
-    for (int k0 = 0; k0 <= last; k0 += kChunk) {
-      const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
-      score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
-      for (int it = 0; it < 4 * ntiles; ++it) {
-        const int c = 4 * it + 2 * half, j = k0 + c;
-        float s0, s1;
-        load2(Sf + r * LS + c, s0, s1);
-        float e0 = 0.f, e1 = 0.f;
-        if (row_ok && j <= i) e0 = exp2f(s0 * c2 - m2);
-        if (row_ok && j + 1 <= i) e1 = exp2f(s1 * c2 - m2);
-        l += e0 + e1;
-        if (p.dropout) {
-          e0 = dropout_keep(key, q.s + j, p.threshold) ? e0 * p.keep_scale : 0.f;
-          e1 = dropout_keep(key, q.s + j + 1, p.threshold) ? e1 * p.keep_scale : 0.f;
-        }
-        P[r * LP + c] = from_f<T>(e0);
-        P[r * LP + c + 1] = from_f<T>(e1);
+    over_scores<T, D>(Qs, K, last, Sf, [&](int c, int j, float s0, float s1) {
+      float e0 = 0.f, e1 = 0.f;
+      if (row_ok && j <= i) e0 = exp2f(s0 * c2 - m2);
+      if (row_ok && j + 1 <= i) e1 = exp2f(s1 * c2 - m2);
+      l += e0 + e1;
+      if (p.dropout) {
+        e0 = dropout_keep(key, q.s + j, p.threshold) ? e0 * p.keep_scale : 0.f;
+        e1 = dropout_keep(key, q.s + j + 1, p.threshold) ? e1 * p.keep_scale : 0.f;
       }
-      __syncwarp();
+      P[r * LP + c] = from_f<T>(e0);
+      P[r * LP + c + 1] = from_f<T>(e1);
+    }, [&](int k0, int ntiles) {
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
         for (int kt = 0; kt < ntiles; ++kt)
           M::template mma<false, false>(o[c], P + kt * 16, LP,
                                         V + static_cast<size_t>(k0 + kt * 16) * SM::ld + c * 16, SM::ld);
       __syncwarp();
-    }
+    });
     l += __shfl_xor_sync(kFull, l, 1);
     const float inv = row_ok ? 1.f / l : 0.f;
 #pragma unroll

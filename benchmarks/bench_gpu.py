@@ -7,7 +7,9 @@ T in {50, 128, 512, 1024} and d in {32, 128}) it times, with CUDA events, after 
 cache flushed before every run, the median of --repeats runs of
   - forward (no autograd) and forward + backward (autograd, out.backward(dout));
   - ``fused``: pka_ext.pka_attention; ``unfused``: the same with PKA_CUDA_UNFUSED=1;
-    ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask.
+    ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask;
+  - forward + backward of ``fused`` with the backward block fixed at 4 and at 8 warps
+    (PKA_BWD_WARPS), to compare the two.
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
@@ -71,20 +73,19 @@ def floor_bytes(B, H, T, d, elem) -> tuple[int, int]:
     return fwd, fwd + bwd
 
 
-def with_env(value: str | None, fn):
+def with_env(env: dict[str, str], fn):
+    """fn run with the variables of env set (the entry points read them on every call)."""
     def run():
-        old = os.environ.get("PKA_CUDA_UNFUSED")
-        if value is None:
-            os.environ.pop("PKA_CUDA_UNFUSED", None)
-        else:
-            os.environ["PKA_CUDA_UNFUSED"] = value
+        old = {name: os.environ.get(name) for name in env}
+        os.environ.update(env)
         try:
             return fn()
         finally:
-            if old is None:
-                os.environ.pop("PKA_CUDA_UNFUSED", None)
-            else:
-                os.environ["PKA_CUDA_UNFUSED"] = old
+            for name, value in old.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
     return run
 
 
@@ -93,13 +94,16 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
     q, k, v, a_k, a_v, lengths = make_inputs(B, H, T, d, dtype=dtype, device="cuda")
     dout = torch.randn_like(q)
     pka = lambda: pka_ext.pka_attention(q, k, v, a_k, a_v, lengths)  # noqa: E731
-    # name -> (PKA_CUDA_UNFUSED for the whole timed call, backward included; the forward)
-    impls = {"fused": (None, pka), "unfused": ("1", pka),
-             "composition": (None, lambda: composition(q, k, v, a_k, a_v, lengths))}
+    # name -> (environment for the whole timed call, backward included; the forward; time the
+    # forward alone too)
+    impls = {"fused": ({}, pka, True), "unfused": ({"PKA_CUDA_UNFUSED": "1"}, pka, True),
+             "composition": ({}, lambda: composition(q, k, v, a_k, a_v, lengths), True),
+             "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, False), "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, False)}
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
-    for name, (env, fn) in impls.items():
-        with torch.no_grad():
-            row[f"fwd_ms_{name}"] = timer(with_env(env, fn))
+    for name, (env, fn, forward_too) in impls.items():
+        if forward_too:
+            with torch.no_grad():
+                row[f"fwd_ms_{name}"] = timer(with_env(env, fn))
 
         def fwd_bwd(fn=fn):
             out = fn()
@@ -147,8 +151,8 @@ def report(rows, bw, info, args) -> str:
           f"uniform in [1, T]). Copy bandwidth measured in the same run: {bw / 1e9:.0f} GB/s.", "",
           "| B | H | T | d | fwd fused ms | fwd unfused ms | fwd composition ms | fwd speed-up vs composition "
           "| fwd / HBM floor | fwd+bwd fused ms | fwd+bwd unfused ms | fwd+bwd composition ms "
-          "| fwd+bwd speed-up | fwd+bwd / HBM floor |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| fwd+bwd speed-up | fwd+bwd / HBM floor | fwd+bwd fused ms, backward 4 / 8 warps |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(
             f"| {r['B']} | {r['H']} | {r['T']} | {r['d']} | {r['fwd_ms_fused']:.3f} | "
@@ -156,7 +160,8 @@ def report(rows, bw, info, args) -> str:
             f"{r['fwd_ms_composition'] / r['fwd_ms_fused']:.2f}x | {r['fwd_ms_fused'] / r['fwd_floor_ms']:.2f}x | "
             f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
             f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
-            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
+            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x | "
+            f"{r['fwdbwd_ms_bwd4']:.3f} / {r['fwdbwd_ms_bwd8']:.3f} |")
     if len(rows) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]
     md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "

@@ -105,6 +105,17 @@ Tensor contiguous16(const Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
+// The backward's launch plan (bwd_plan in pka_fused_kernels.cuh). PKA_BWD_WARPS=4 or 8 fixes the
+// warp count, to compare the two on a device.
+template <typename T, int D>
+BwdPlan backward_plan(int Tp, size_t limit) {
+  const char* env = std::getenv("PKA_BWD_WARPS");
+  const int forced = env != nullptr && env[0] != '\0' ? std::atoi(env) : 0;
+  TORCH_CHECK(forced == 0 || forced == 4 || forced == 8, "PKA_BWD_WARPS must be 4 or 8, got '", env,
+              "'");
+  return bwd_plan<T, D>(Tp, limit, forced, force_workspace());
+}
+
 int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
 
 template <typename T>
@@ -157,7 +168,7 @@ bool fused_supported(const Tensor& q, const Dims& d) {
     using T = typename Native<scalar_t>::type;
     built = with_head_dim(d.D, [&](auto D) {
       using SM = Smem<T, decltype(D)::value>;
-      fits = SM::fwd(padded_T(d), false) <= limit && SM::bwd(padded_T(d), false) <= limit;
+      fits = SM::fwd(padded_T(d), false) <= limit && SM::bwd(padded_T(d), false, 4) <= limit;
     });
   });
   return built && fits;
@@ -236,18 +247,24 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dv = reinterpret_cast<T*>(dv.data_ptr());
       p.dak = dak.data_ptr<float>();
       p.dav = dav.data_ptr<float>();
-      const bool in_smem = !force_workspace() && SM::bwd(p.Tp, true) <= limit;
-      if (!in_smem) {
+      const BwdPlan plan = backward_plan<T, D>(p.Tp, limit);
+      if (!plan.in_smem) {
         work = at::empty({d.B * d.H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
                          q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
-      const size_t smem = SM::bwd(p.Tp, in_smem);
+      const size_t smem = SM::bwd(p.Tp, plan.in_smem, plan.warps);
       if (grid == 0) return;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(pka_bwd_kernel<T, D>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-      pka_bwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+      auto launch = [&](auto kernel) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+        kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
+      };
+      if (plan.warps == 8) {
+        launch(pka_bwd_kernel<T, D, 8>);
+      } else {
+        launch(pka_bwd_kernel<T, D, 4>);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);

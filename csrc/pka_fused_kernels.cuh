@@ -28,6 +28,9 @@ namespace fused {
 namespace wmma = nvcuda::wmma;
 #endif
 
+// Warps per block: the forward's, and the backward's choices. The backward runs one block per SM
+// at the headline sizes (its four block buffers fill shared memory), so it may take 8 warps to
+// keep more loads in flight; the host picks (pka_fused.cu).
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kChunk = 64;  // keys per softmax step in the forward
@@ -184,10 +187,28 @@ struct Smem {
   static size_t fwd(int Tp, bool in_smem) {
     return (in_smem ? 2 * buf(Tp) : 0) + fwd_warps(Tp, in_smem) + kWarps * mix;
   }
-  static size_t bwd(int Tp, bool in_smem) {
-    return (in_smem ? kBwdBuffers * buf(Tp) : 0) + kWarps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
+  static size_t bwd(int Tp, bool in_smem, int warps) {
+    return (in_smem ? kBwdBuffers * buf(Tp) : 0) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
   }
 };
+
+// Warps per backward block and where its block buffers live. 8 warps keep more loads in flight in
+// the one block that fits on an SM at the usual sizes; shared memory beats the workspace, so 4 warps
+// in shared memory come before 8 in the workspace. `forced` (4 or 8; 0: free) fixes the count.
+struct BwdPlan {
+  int warps;
+  bool in_smem;
+};
+
+template <typename T, int D>
+BwdPlan bwd_plan(int Tp, size_t limit, int forced, bool force_workspace) {
+  const BwdPlan plans[] = {{8, true}, {4, true}, {8, false}, {4, false}};
+  for (const BwdPlan& plan : plans) {
+    if ((forced != 0 && plan.warps != forced) || (plan.in_smem && force_workspace)) continue;
+    if (Smem<T, D>::bwd(Tp, plan.in_smem, plan.warps) <= limit) return plan;
+  }
+  return {forced == 8 ? 8 : 4, false};  // fused_supported() checked that 4 warps fit here
+}
 
 // Calls f(std::integral_constant<int, D>) for the head dims the kernels are built for; false for
 // any other.
@@ -228,8 +249,9 @@ __device__ Seq seq_of(const Params<T>& p) {
 // index when `rising` (query tiles: tile t sees t + 1 key tiles), else falls with it (key tiles).
 // Round-robin dealing gave warp 0 the largest tile of every round: 28 of 91 units of work at
 // T = 200 against an even share of 23, and the block waits for its slowest warp.
+template <int W>
 __device__ __forceinline__ int dealt(int k, int w, int n, bool rising) {
-  const int idx = k * kWarps + ((k & 1) ? kWarps - 1 - w : w);
+  const int idx = k * W + ((k & 1) ? W - 1 - w : w);
   if (idx >= n) return -1;
   return rising ? n - 1 - idx : idx;
 }
@@ -298,24 +320,25 @@ __device__ void copy_rows(const T* __restrict__ g, int g0, int valid, int rows, 
   }
 }
 
-// dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows; dst has row pitch LD. Whole block.
-template <typename T, int D>
+// dst[r, :] = g[s + r, :] for r < L and 0 for L <= r < rows; dst has row pitch LD. Whole block
+// (W warps).
+template <typename T, int D, int W>
 __device__ void stage_rows(const T* __restrict__ g, int s, int L, int rows, T* dst) {
-  copy_rows<T, D>(g, s, L, rows, dst, Smem<T, D>::ld, threadIdx.x, kThreads);
+  copy_rows<T, D>(g, s, L, rows, dst, Smem<T, D>::ld, threadIdx.x, 32 * W);
 }
 
 // Rows r < limit of dst (row pitch ldd) = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its
 // transpose) and src (pitch LD) is Lp rows with zeros from L on. `stage` (16 x 16 of T, pitch
 // ld_t) and `tile` (16 x 16 fp32) are the warp's own scratch.
-template <typename T, int D, bool TRANS>
+template <typename T, int D, bool TRANS, int W>
 __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, const T* src,
                          T* dst, int ldd, int limit, T* stage, float* tile) {
   using M = Mma<T>;
   constexpr int LD = Smem<T, D>::ld, LT = Smem<T, D>::ld_t;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   // Output tile ti sums over tj <= ti (ti + 1 tiles), transposed over tj >= ti (nt - ti tiles).
-  for (int k = 0; k * kWarps < nt; ++k) {
-    const int ti = dealt(k, warp, nt, !TRANS);
+  for (int k = 0; k * W < nt; ++k) {
+    const int ti = dealt<W>(k, warp, nt, !TRANS);
     if (ti < 0) continue;
     typename M::Acc acc[D / 16];
 #pragma unroll
@@ -363,7 +386,7 @@ __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, 
 
 // da[s+i, s+j] += sum_c G[i, c] X[j, c] for j <= i < L (fp32 atomics into the shared accumulator).
 // G and X have row pitch LD.
-template <typename T, int D>
+template <typename T, int D, int W>
 __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, int L, int nt,
                             float* tile) {
   using M = Mma<T>;
@@ -372,7 +395,7 @@ __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, in
   int n = 0;
   for (int ti = 0; ti < nt; ++ti) {
     for (int tj = 0; tj <= ti; ++tj, ++n) {
-      if (n % kWarps != warp) continue;
+      if (n % W != warp) continue;
       typename M::Acc acc;
       M::zero(acc);
 #pragma unroll
@@ -442,18 +465,18 @@ __device__ const T* head_kernel(const T* a, int heads, int h, int Tn) {
 }
 
 // K = tril(A_k) k and V = tril(A_v) v on the block's valid rows; X is staging space. Whole block.
-template <typename T, int D>
+template <typename T, int D, int W>
 __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T* X, T* K, T* V,
                                 T* stage, float* tile) {
   constexpr int LD = Smem<T, D>::ld;
-  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, X);
+  stage_rows<T, D, W>(p.k + base, q.s, q.L, q.Lp, X);
   __syncthreads();
-  mix_rows<T, D, false>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, LD, q.Lp,
+  mix_rows<T, D, false, W>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, LD, q.Lp,
                         stage, tile);
   __syncthreads();
-  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, X);
+  stage_rows<T, D, W>(p.v + base, q.s, q.L, q.Lp, X);
   __syncthreads();
-  mix_rows<T, D, false>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, LD, q.Lp,
+  mix_rows<T, D, false, W>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, LD, q.Lp,
                         stage, tile);
   __syncthreads();
 }
@@ -527,7 +550,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   T* stage = reinterpret_cast<T*>(mixs);
   float* tile = reinterpret_cast<float*>(mixs + 16 * SM::ld_t * sizeof(T));
 
-  mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
+  mix_keys_values<T, D, kWarps>(p, q, base, X, K, V, stage, tile);
 
   unsigned char* mine = warps + warp * SM::fwd_warp;
   T* Qs = reinterpret_cast<T*>(mine);                   // [16, ld]
@@ -539,7 +562,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   const float c2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
 
   for (int k = 0; k * kWarps < q.nt; ++k) {
-    const int qt = dealt(k, warp, q.nt, true);
+    const int qt = dealt<kWarps>(k, warp, q.nt, true);
     if (qt < 0) continue;
     const int i = qt * 16 + r;
     const bool row_ok = i < q.L;
@@ -631,8 +654,8 @@ __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, co
 }
 
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
   __trap();
 #else
@@ -643,7 +666,7 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   const Seq q = seq_of(p);
   const int warp = threadIdx.x >> 5;
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
-  for (int idx = threadIdx.x; idx < q.s * D; idx += kThreads) {
+  for (int idx = threadIdx.x; idx < q.s * D; idx += 32 * W) {
     p.dq[base + idx] = from_f<T>(0.f);
     p.dk[base + idx] = from_f<T>(0.f);
     p.dv[base + idx] = from_f<T>(0.f);
@@ -656,15 +679,15 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   T* X = V + buf;   // staged raw rows, then dK_mixed
   T* dV = X + buf;  // dV_mixed
   unsigned char* warps = p.work == nullptr ? smem + kBwdBuffers * SM::buf(p.Tp) : smem;
-  unsigned char* mixs = warps + kWarps * SM::bwd_warp + warp * SM::mix;
+  unsigned char* mixs = warps + W * SM::bwd_warp + warp * SM::mix;
   T* stage = reinterpret_cast<T*>(mixs);
   float* tile = reinterpret_cast<float*>(mixs + 16 * LT * sizeof(T));
-  float* lse2 = reinterpret_cast<float*>(warps + kWarps * (SM::bwd_warp + SM::mix));
+  float* lse2 = reinterpret_cast<float*>(warps + W * (SM::bwd_warp + SM::mix));
   float* delta = lse2 + p.Tp;
   uint32_t* rowkey = reinterpret_cast<uint32_t*>(delta + p.Tp);
 
   const T* dout = p.dout + base;
-  for (int i = threadIdx.x; i < q.Lp; i += kThreads) {
+  for (int i = threadIdx.x; i < q.Lp; i += 32 * W) {
     float d = 0.f, l = 0.f;
     uint32_t key = 0u;
     if (i < q.L) {
@@ -687,7 +710,7 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
     lse2[i] = l;
     rowkey[i] = key;
   }
-  mix_keys_values<T, D>(p, q, base, X, K, V, stage, tile);
+  mix_keys_values<T, D, W>(p, q, base, X, K, V, stage, tile);
   T* dK = X;
 
   unsigned char* mine = warps + warp * SM::bwd_warp;
@@ -699,8 +722,8 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   T* dS = PZ + 16 * LT;                     // [16, ld_t]
 
   // Pass 1: each warp owns key tiles and sums over every query tile that sees them, in registers.
-  for (int k = 0; k * kWarps < q.nt; ++k) {
-    const int kt = dealt(k, warp, q.nt, false);
+  for (int k = 0; k * W < q.nt; ++k) {
+    const int kt = dealt<W>(k, warp, q.nt, false);
     if (kt < 0) continue;
     typename M::Acc gk[D / 16], gv[D / 16];
 #pragma unroll
@@ -727,8 +750,8 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
     }
   }
   // Pass 2: each warp owns query tiles: dq = dS K over the visible key tiles.
-  for (int k = 0; k * kWarps < q.nt; ++k) {
-    const int qt = dealt(k, warp, q.nt, true);
+  for (int k = 0; k * W < q.nt; ++k) {
+    const int qt = dealt<W>(k, warp, q.nt, true);
     if (qt < 0) continue;
     typename M::Acc gq[D / 16];
 #pragma unroll
@@ -748,17 +771,17 @@ __global__ void __launch_bounds__(kThreads) pka_bwd_kernel(const Params<T> p) {
   }
   __syncthreads();
   // K and V are no longer needed: the raw rows go there for the kernel gradients.
-  stage_rows<T, D>(p.k + base, q.s, q.L, q.Lp, K);
-  stage_rows<T, D>(p.v + base, q.s, q.L, q.Lp, V);
+  stage_rows<T, D, W>(p.k + base, q.s, q.L, q.Lp, K);
+  stage_rows<T, D, W>(p.v + base, q.s, q.L, q.Lp, V);
   __syncthreads();
   const size_t first = base + static_cast<size_t>(q.s) * D;
-  mix_rows<T, D, true>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, dK, p.dk + first,
+  mix_rows<T, D, true, W>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, dK, p.dk + first,
                        D, q.L, stage, tile);
-  mix_rows<T, D, true>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, dV, p.dv + first,
+  mix_rows<T, D, true, W>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, dV, p.dv + first,
                        D, q.L, stage, tile);
-  kernel_grad<T, D>(dK, K, p.dak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
+  kernel_grad<T, D, W>(dK, K, p.dak + static_cast<size_t>(p.Hk == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
                     q.L, q.nt, tile);
-  kernel_grad<T, D>(dV, V, p.dav + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
+  kernel_grad<T, D, W>(dV, V, p.dav + static_cast<size_t>(p.Hv == 1 ? 0 : q.h) * p.T * p.T, p.T, q.s,
                     q.L, q.nt, tile);
 #endif
 }

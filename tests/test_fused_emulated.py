@@ -59,21 +59,22 @@ def rel(x, ref):
 
 
 CASES = [
-    # B, H, T, d, per_head, lengths, dropout_p, workspace
-    (3, 2, 1, 16, False, [1, 0, 1], 0.0, False),
-    (3, 2, 5, 16, True, [5, 0, 3], 0.3, False),
-    (3, 1, 17, 16, False, [17, 16, 1], 0.0, True),
-    (2, 2, 40, 32, True, [40, 23], 0.25, False),
-    (2, 2, 40, 32, False, [33, 0], 0.0, True),
-    (2, 1, 70, 16, False, [70, 65], 0.5, False),
-    (2, 1, 70, 16, True, [70, 49], 0.1, True),
-    (1, 1, 24, 64, False, [21], 0.2, False),
-    (1, 1, 20, 128, True, [20], 0.0, False),
+    # B, H, T, d, per_head, lengths, dropout_p, workspace, warps of the backward block
+    (3, 2, 1, 16, False, [1, 0, 1], 0.0, False, 4),
+    (3, 2, 5, 16, True, [5, 0, 3], 0.3, False, 8),
+    (3, 1, 17, 16, False, [17, 16, 1], 0.0, True, 8),
+    (2, 2, 40, 32, True, [40, 23], 0.25, False, 4),
+    (2, 2, 40, 32, False, [33, 0], 0.0, True, 8),
+    (2, 1, 70, 16, False, [70, 65], 0.5, False, 8),
+    (2, 1, 70, 16, True, [70, 49], 0.1, True, 4),
+    (1, 1, 24, 64, False, [21], 0.2, False, 8),
+    (1, 1, 20, 128, True, [20], 0.0, False, 8),
 ]
 
 
-@pytest.mark.parametrize("B,H,T,d,per_head,lengths,dropout_p,workspace", CASES)
-def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dropout_p, workspace):
+@pytest.mark.parametrize("B,H,T,d,per_head,lengths,dropout_p,workspace,warps", CASES)
+def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dropout_p, workspace,
+                                          warps):
     x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T * 7 + d)
     seed = 1234 if dropout_p > 0 else 0
     scale = d**-0.5
@@ -94,7 +95,7 @@ def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dr
     pad = torch.arange(T)[None, :] < (T - lens)[:, None]
     assert (out.transpose(1, 2)[pad] == 0).all() and (lse[pad[:, None, :].expand_as(lse)] == 0).all()
 
-    grads = emu.bwd(dout64.float(), *x32, lens, out, lse, scale, dropout_p, seed, workspace)
+    grads = emu.bwd(dout64.float(), *x32, lens, out, lse, scale, dropout_p, seed, workspace, warps)
     for name, g, gr in zip(NAMES, grads, grads_r):
         assert not torch.isnan(g).any(), f"d{name}: an element was never written"
         assert rel(g, gr) <= 1e-4, f"d{name}: {rel(g, gr):.2e}"
@@ -135,18 +136,30 @@ def test_launch_plan(emu, d, T, elem, fits_fwd, fits_bwd):
     assert fwd_ws <= limit and bwd_ws <= limit  # the workspace path always launches
 
 
+@pytest.mark.parametrize("d,T,forced,workspace,plan", [
+    (64, 200, 0, False, (8, True)),    # headline: 8 warps still fit beside the four buffers
+    (64, 300, 0, False, (4, True)),    # 8 warps would not fit: 4 in shared memory beat the workspace
+    (64, 512, 0, False, (8, False)),   # the buffers alone exceed shared memory
+    (64, 200, 4, False, (4, True)),    # PKA_BWD_WARPS=4
+    (64, 512, 4, False, (4, False)),
+    (64, 200, 0, True, (8, False)),    # PKA_FUSED_WORKSPACE=1
+])
+def test_backward_launch_plan(emu, d, T, forced, workspace, plan):
+    assert emu.bwd_plan(d, T, 2, 227 * 1024, forced, workspace) == plan
+
+
 def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,workspace", [
-    (40, 32, False, [40, 17], 0.0, False),
-    (70, 16, True, [70, 0], 0.2, False),
-    (33, 64, False, [33, 30], 0.0, True),
-    (20, 128, True, [20, 9], 0.1, False),
-    (200, 64, False, [200, 137, 61], 0.0, False),  # the benchmarks' headline T and d
+@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,workspace,warps", [
+    (40, 32, False, [40, 17], 0.0, False, 8),
+    (70, 16, True, [70, 0], 0.2, False, 4),
+    (33, 64, False, [33, 30], 0.0, True, 8),
+    (20, 128, True, [20, 9], 0.1, False, 4),
+    (200, 64, False, [200, 137, 61], 0.0, False, 8),  # the benchmarks' headline T and d
 ])
-def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspace):
+def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspace, warps):
     """The 16-bit path (shared-memory layout, roundings, WMMA tile products on the fragment model):
     error vs float64 at most 2x that of the same-dtype baseline (matmul + SDPA, or python_ref with
     dropout)."""
@@ -174,7 +187,8 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspa
     out_b, grads_b = fwd_bwd(base, x16, dout16)
 
     out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, workspace)
-    grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, workspace)
+    grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, workspace,
+                    warps)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     e, eb = rel_l2(out, out_e), rel_l2(out_b, out_e)

@@ -108,7 +108,7 @@ template <typename E>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     Tensor dout, Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
     std::optional<Tensor> lengths, Tensor out, Tensor lse, double scale, double dropout_p,
-    int64_t seed, bool workspace) {
+    int64_t seed, bool workspace, int64_t warps) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
   p.dout = ptr<E>(dout);
@@ -126,14 +126,17 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
-    const bool in_smem = !workspace && SM::bwd(p.Tp, true) <= kDeviceSmem;
+    const bool in_smem = !workspace && SM::bwd(p.Tp, true, static_cast<int>(warps)) <= kDeviceSmem;
     if (!in_smem) {
       work = at::full({B * H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
                       q.options());
       p.work = ptr<E>(work);
     }
-    pka_emu::launch(pka_bwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,
-                    SM::bwd(p.Tp, in_smem), p);
+    const size_t smem = SM::bwd(p.Tp, in_smem, static_cast<int>(warps));
+    if (warps == 8)
+      pka_emu::launch(pka_bwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
+    else
+      pka_emu::launch(pka_bwd_kernel<E, Dv, 4>, static_cast<unsigned>(B * H), 128, smem, p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {dq, dk, dv, dak.to(q.scalar_type()).view(ak.sizes()),
@@ -153,13 +156,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
                                                        Tensor ak, Tensor av,
                                                        std::optional<Tensor> lengths, Tensor out,
                                                        Tensor lse, double scale, double dropout_p,
-                                                       int64_t seed, bool workspace) {
+                                                       int64_t seed, bool workspace, int64_t warps) {
+  TORCH_CHECK(warps == 4 || warps == 8, "the backward runs with 4 or 8 warps, got ", warps);
   if (q.scalar_type() == at::kBFloat16)
     return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
-                           workspace);
+                           workspace, warps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
   return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
-                         workspace);
+                         workspace, warps);
 }
 
 // Shared-memory bytes the host would request, for checking the launch plan.
@@ -170,14 +174,28 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
     constexpr int Dv = decltype(Dc)::value;
     if (elem_bytes == 4) {
       f = Smem<float, Dv>::fwd(Tp, in_smem);
-      b = Smem<float, Dv>::bwd(Tp, in_smem);
+      b = Smem<float, Dv>::bwd(Tp, in_smem, 4);
     } else {
       f = Smem<bf16e, Dv>::fwd(Tp, in_smem);
-      b = Smem<bf16e, Dv>::bwd(Tp, in_smem);
+      b = Smem<bf16e, Dv>::bwd(Tp, in_smem, 4);
     }
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {f, b};
+}
+
+// The backward launch plan the host would choose: (warps, in shared memory).
+std::tuple<int64_t, bool> bwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
+                                      int64_t forced, bool force_workspace) {
+  BwdPlan plan{0, false};
+  const int Tp = static_cast<int>((T + 15) / 16 * 16);
+  const bool built = with_head_dim(D, [&](auto Dc) {
+    constexpr int Dv = decltype(Dc)::value;
+    plan = elem_bytes == 4 ? bwd_plan<float, Dv>(Tp, limit, forced, force_workspace)
+                           : bwd_plan<bf16e, Dv>(Tp, limit, forced, force_workspace);
+  });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
+  return {plan.warps, plan.in_smem};
 }
 
 }  // namespace
@@ -186,4 +204,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
   m.def("smem_bytes", &smem_bytes);
+  m.def("bwd_plan", &bwd_plan_of);
 }

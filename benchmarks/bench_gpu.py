@@ -8,8 +8,9 @@ cache flushed before every run, the median of --repeats runs of
   - forward (no autograd) and forward + backward (autograd, out.backward(dout));
   - ``fused``: pka_ext.pka_attention; ``unfused``: the same with PKA_CUDA_UNFUSED=1;
     ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask;
-  - forward + backward of ``fused`` with the backward block fixed at 4 and at 8 warps
-    (PKA_BWD_WARPS), to compare the two.
+  - variants of ``fused``, to compare tuning choices in one run: forward + backward with the
+    backward block fixed at 4 and at 8 warps (PKA_BWD_WARPS), forward and forward + backward with
+    the blocks in batch order instead of longest sequence first (PKA_BLOCK_ORDER=0).
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
@@ -98,7 +99,8 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
     # forward alone too)
     impls = {"fused": ({}, pka, True), "unfused": ({"PKA_CUDA_UNFUSED": "1"}, pka, True),
              "composition": ({}, lambda: composition(q, k, v, a_k, a_v, lengths), True),
-             "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, False), "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, False)}
+             "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, False), "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, False),
+             "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, True)}
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
     for name, (env, fn, forward_too) in impls.items():
         if forward_too:
@@ -151,8 +153,8 @@ def report(rows, bw, info, args) -> str:
           f"uniform in [1, T]). Copy bandwidth measured in the same run: {bw / 1e9:.0f} GB/s.", "",
           "| B | H | T | d | fwd fused ms | fwd unfused ms | fwd composition ms | fwd speed-up vs composition "
           "| fwd / HBM floor | fwd+bwd fused ms | fwd+bwd unfused ms | fwd+bwd composition ms "
-          "| fwd+bwd speed-up | fwd+bwd / HBM floor | fwd+bwd fused ms, backward 4 / 8 warps |",
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+          "| fwd+bwd speed-up | fwd+bwd / HBM floor |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(
             f"| {r['B']} | {r['H']} | {r['T']} | {r['d']} | {r['fwd_ms_fused']:.3f} | "
@@ -160,8 +162,13 @@ def report(rows, bw, info, args) -> str:
             f"{r['fwd_ms_composition'] / r['fwd_ms_fused']:.2f}x | {r['fwd_ms_fused'] / r['fwd_floor_ms']:.2f}x | "
             f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
             f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
-            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x | "
-            f"{r['fwdbwd_ms_bwd4']:.3f} / {r['fwdbwd_ms_bwd8']:.3f} |")
+            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
+    md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 8 warps per "
+           "backward block where they fit, blocks longest sequence first):", "",
+           "| T | d | fwd+bwd, backward 4 warps | fwd+bwd, backward 8 warps | fwd, batch order "
+           "| fwd+bwd, batch order |", "|---|---|---|---|---|---|"]
+    md += [f"| {r['T']} | {r['d']} | {r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
+           f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} |" for r in rows]
     if len(rows) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]
     md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "

@@ -146,6 +146,16 @@ Tensor device_lengths(const std::optional<Tensor>& lengths, const Tensor& q) {
   return lengths.has_value() ? lengths->to(q.device(), at::kLong).contiguous() : Tensor();
 }
 
+// Batch rows by descending length, computed on the device (no synchronisation), so that the blocks
+// of the longest sequences start first; undefined without lengths or with PKA_BLOCK_ORDER=0 (to
+// compare the two on a device).
+Tensor block_order(const Tensor& lengths_dev) {
+  const char* env = std::getenv("PKA_BLOCK_ORDER");
+  if (!lengths_dev.defined() || lengths_dev.numel() < 2 || (env != nullptr && env[0] == '0'))
+    return Tensor();
+  return at::argsort(lengths_dev, /*stable=*/true, /*dim=*/0, /*descending=*/true).contiguous();
+}
+
 unsigned grid_of(const Dims& d) {
   const int64_t n = d.B * d.H;
   TORCH_CHECK(n <= std::numeric_limits<int32_t>::max(), "pka fused CUDA kernels: B * H = ", n,
@@ -182,7 +192,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
   c10::cuda::CUDAGuard device_guard(q_.device());
   const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
   const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
-  const Tensor len = device_lengths(lengths, q);
+  const Tensor len = device_lengths(lengths, q), order = block_order(len);
   Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
   Tensor lse = at::empty({d.B, d.H, d.T}, q.options().dtype(at::kFloat));
   Tensor work;
@@ -195,6 +205,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
       Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
+      p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
       const bool in_smem = !force_workspace() && SM::fwd(p.Tp, true) <= limit;
@@ -225,7 +236,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
   const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
   const Tensor dout = contiguous16(dout_), out = contiguous16(out_), lse = lse_.contiguous();
   const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
-  const Tensor len = device_lengths(lengths, q);
+  const Tensor len = device_lengths(lengths, q), order = block_order(len);
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
   auto f32 = q.options().dtype(at::kFloat);
   Tensor dak = at::zeros({d.Hk, d.T, d.T}, f32), dav = at::zeros({d.Hv, d.T, d.T}, f32);
@@ -239,6 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
       Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
+      p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
       p.dout = reinterpret_cast<const T*>(dout.data_ptr());
       p.o = reinterpret_cast<const T*>(out.data_ptr());
       p.lse = lse.data_ptr<float>();

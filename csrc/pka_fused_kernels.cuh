@@ -131,6 +131,7 @@ struct Params {
   const E *q, *k, *v;     // [B, H, T, D], contiguous
   const E *ak, *av;       // [Hk, T, T], [Hv, T, T]; only the lower triangle is read
   const int64_t* lengths;  // device [B] or nullptr (no padding)
+  const int64_t* order;    // device [B]: batch rows, longest sequence first, or nullptr (in order)
   E* work;                 // nullptr: block buffers in shared memory; else [B*H, nbuf, Tp, D]
   // forward
   E* out;
@@ -230,9 +231,12 @@ struct Seq {
 template <typename T>
 __device__ Seq seq_of(const Params<T>& p) {
   Seq q;
-  q.bh = blockIdx.x;
-  q.b = q.bh / p.H;
-  q.h = q.bh % p.H;
+  // Blocks are handed to SMs in index order; taking the longest sequences first keeps a long one
+  // from starting last and running alone at the end of the grid.
+  const int slot = blockIdx.x / p.H;
+  q.b = p.order != nullptr ? static_cast<int>(p.order[slot]) : slot;
+  q.h = blockIdx.x % p.H;
+  q.bh = q.b * p.H + q.h;
   const int64_t L = p.lengths != nullptr ? p.lengths[q.b] : p.T;
   // Device lengths are range-checked here rather than on the host, where reading them would
   // synchronise the stream on every call (CPU lengths were checked on the host already).

@@ -221,23 +221,25 @@ def test_workspace_placement_matches_shared_memory(T, d, dtype, workspace):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [23, 200])
-def test_backward_warp_counts_agree(T, dtype, monkeypatch):
-    """The backward at 4 and at 8 warps per block (PKA_BWD_WARPS): every tile is computed by one warp
-    in the same order either way, so dq, dk, dv agree bitwise; the kernel gradients up to the order
-    of their atomics."""
-    B, H, d = 3, 2, 64
+@pytest.mark.parametrize("variable,values", [("PKA_BWD_WARPS", ("4", "8")), ("PKA_BLOCK_ORDER", ("0", "1"))])
+def test_launch_choices_agree(variable, values, T, dtype, monkeypatch):
+    """The backward at 4 or 8 warps per block, the blocks in batch order or longest sequence first:
+    every tile of every sequence is computed by one warp in the same order either way, so out, dq,
+    dk, dv agree bitwise; the kernel gradients up to the order of their atomics."""
+    B, H, d = 5, 2, 64
     x64, lengths, dout64 = inputs64(B, H, T, d, per_head=False, seed=5 * T)
     x, dout = [t.to(dtype) for t in x64], dout64.to(dtype)
-    results = {}
-    for warps in ("4", "8"):
-        monkeypatch.setenv("PKA_BWD_WARPS", warps)
+    results = []
+    for value in values:
+        monkeypatch.setenv(variable, value)
         poison([(B * H * T * d, dtype)] * 8)
-        results[warps] = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=3)
-    (_, g4), (_, g8) = results["4"], results["8"]
-    for name, a, b in zip(NAMES[:3], g4[:3], g8[:3]):
+        results.append(fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=3))
+    (out_a, g_a), (out_b, g_b) = results
+    assert torch.equal(out_a, out_b)
+    for name, a, b in zip(NAMES[:3], g_a[:3], g_b[:3]):
         assert torch.equal(a, b), f"d{name}: {rel(b, a):.2e}"
     tol = 1e-5 if dtype == torch.float32 else 1e-2
-    for name, a, b in zip(NAMES[3:], g4[3:], g8[3:]):
+    for name, a, b in zip(NAMES[3:], g_a[3:], g_b[3:]):
         assert rel(b, a) <= tol, f"d{name}: {rel(b, a):.2e}"
 
 

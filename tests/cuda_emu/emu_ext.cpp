@@ -74,6 +74,12 @@ Params<T> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const T
   return p;
 }
 
+// The block order the host uses: batch rows by descending length (pka_fused.cu, block_order).
+Tensor block_order(const std::optional<Tensor>& lengths) {
+  if (!lengths.has_value() || lengths->numel() < 2) return Tensor();
+  return at::argsort(*lengths, /*stable=*/true, /*dim=*/0, /*descending=*/true).contiguous();
+}
+
 // Inputs: contiguous CPU tensors of one dtype (float32 or bfloat16), as the device entry points
 // make them.
 template <typename E>
@@ -82,6 +88,8 @@ std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor a
                                           double dropout_p, int64_t seed, bool workspace) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
+  const Tensor order = block_order(lengths);
+  p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
   // Poison: every element the kernel should write is NaN until it does.
   Tensor out = at::full_like(q, NAN), lse = at::full({B, H, T}, NAN, q.options().dtype(at::kFloat));
   p.out = ptr<E>(out);
@@ -111,6 +119,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     int64_t seed, bool workspace, int64_t warps) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
+  const Tensor order = block_order(lengths);
+  p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
   p.dout = ptr<E>(dout);
   p.o = ptr<E>(out);
   p.lse = lse.data_ptr<float>();

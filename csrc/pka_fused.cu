@@ -16,11 +16,17 @@
 //   they meet V, and the row is divided by l at the end, exactly the CPU op's
 //   dropout(softmax(.)) V. lse = max + log(l) is written in fp32.
 // Backward: pass 1 gives every warp whole key tiles (dK_mixed, dV_mixed summed over query tiles
-//   without atomics, accumulated in registers); pass 2 gives it query tiles (dq); then dk = tril(A_k)^T dK_mixed,
-//   dv = tril(A_v)^T dV_mixed, and the kernel gradients dA[s+i, s+j] += dK_mixed[i] . k[j] (j <= i)
-//   go into an fp32 [Hk, T, T] accumulator with atomicAdd: the order of those additions varies
-//   from run to run, so da_k / da_v are not bitwise deterministic. pka_cuda.cu routes the backward
-//   to the deterministic unfused path under torch.use_deterministic_algorithms(True).
+//   without atomics, accumulated in registers); pass 2 gives it query tiles (dq); then
+//   dk = tril(A_k)^T dK_mixed, dv = tril(A_v)^T dV_mixed, and the kernel gradients
+//   dA[s+i, s+j] += dK_mixed[i] . k[j] (j <= i) go into an fp32 [Hk, T, T] accumulator with
+//   atomicAdd: the order of those additions varies from run to run, so da_k / da_v are not bitwise
+//   deterministic. pka_cuda.cu routes the backward to the deterministic unfused path under
+//   torch.use_deterministic_algorithms(True). Its blocks have 8 warps where they fit (bwd_plan).
+//
+// Launch: tiles are dealt to the warps of a block so that their work evens out (dealt), rows are
+// staged in 16-byte chunks with several loads in flight, shared buffers are padded against bank
+// conflicts (pitch), and blocks take the sequences longest first (block_order), so that a long
+// one does not start last. benchmarks/gpu_notes.md has the measurements behind each choice.
 //
 // float16 / bfloat16 products run on tensor cores (WMMA 16x16x16, fp32 accumulation); float32
 // runs the same tile algorithm on CUDA cores, because TF32 would miss the op's fp32 accuracy.

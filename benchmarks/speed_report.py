@@ -128,7 +128,33 @@ def gpu_section() -> list[str]:
     for path in files:
         with open(path) as f:
             md += [f.read().replace("# ", "### ", 1), ""]
+    op = os.path.join(RESULTS, "gpu", "gpu_op_bfloat16.json")
+    if os.path.exists(op):
+        md += gpu_chart(op)
     return md
+
+
+def gpu_chart(path) -> list[str]:
+    """Fused kernels vs the composition against T (d=64), forward and forward + backward."""
+    with open(path) as f:
+        run = json.load(f)
+    rows = sorted((r for r in run["rows"] if r["d"] == 64), key=lambda r: r["T"])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, (key, label) in zip(axes, (("fwd_ms", "forward"), ("fwdbwd_ms", "forward + backward"))):
+        for impl in ("fused", "unfused", "composition"):
+            ax.plot([r["T"] for r in rows], [r[f"{key}_{impl}"] for r in rows], marker="o", label=impl)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("T")
+        ax.set_ylabel("ms")
+        ax.set_title(f"{label}, bf16, B=256, H=2, d=64")
+        ax.legend()
+    fig.suptitle(describe(run["machine"]), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "speed_gpu_time_vs_T.png"), dpi=110)
+    plt.close(fig)
+    return ["![GPU op time vs T](speed_gpu_time_vs_T.png)", ""]
 
 
 def main():

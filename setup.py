@@ -79,10 +79,20 @@ def _use_cuda():
     return True
 
 
+# Some toolchains link libstdc++ into the extension statically (the GPU machine's did: its copy's
+# std:: symbols showed up in the extension). Exported, those symbols mix with the process's shared
+# libstdc++, and formatting a number into an error message then crashed the process (on the GPU
+# machine) or cut the message short (reproduced here by linking with -static-libstdc++). Hidden,
+# the copy stays self-consistent; without a static libstdc++ the flag does nothing.
+# tests/test_build.py builds with -static-libstdc++ and checks the messages.
+LINK_ARGS = ["-Wl,--exclude-libs,libstdc++.a"] if sys.platform.startswith("linux") else []
+
+
 def _extension():
     cxx = ["-O3"]  # torch adds the C++ standard it was built with
     if not _use_cuda():
-        return CppExtension("pka_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx})
+        return CppExtension("pka_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx},
+                            extra_link_args=LINK_ARGS)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
         # Without a visible GPU torch cannot pick the architecture; Hopper is our target.
         os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
@@ -95,6 +105,7 @@ def _extension():
         CPP_SOURCES + CUDA_SOURCES,
         define_macros=[("PKA_WITH_CUDA", None)],
         extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+        extra_link_args=LINK_ARGS,
     )
 
 

@@ -1,0 +1,65 @@
+"""The build itself: error messages survive a toolchain that links libstdc++ statically.
+
+On the GPU machine (2026-11-28) every bad call whose message held a number crashed the process: the
+extension carried its own copy of libstdc++, whose exported symbols mixed with the process's shared
+one. Linked the same way here (-static-libstdc++) without setup.py's --exclude-libs flag, the same
+messages come out cut short after the first number ("lengths["); with it, whole.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def static_libstdcxx_available() -> bool:
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return False
+    found = subprocess.run([cxx, "-print-file-name=libstdc++.a"], capture_output=True, text=True)
+    return os.path.isabs(found.stdout.strip())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not static_libstdcxx_available(),
+                    reason="needs a Linux C++ toolchain with a static libstdc++")
+def test_error_messages_whole_with_static_libstdcxx(tmp_path):
+    for name in ("setup.py", "README.md", "csrc", "pka_ext", "python_ref"):
+        src = os.path.join(REPO, name)
+        copy = shutil.copytree if os.path.isdir(src) else shutil.copy
+        copy(src, tmp_path / name, **({"ignore": shutil.ignore_patterns("*.so", "__pycache__")}
+                                      if os.path.isdir(src) else {}))
+    env = dict(os.environ, PKA_FORCE_CPU="1", LDFLAGS="-static-libstdc++")
+    build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    assert "-static-libstdc++" in build.stdout + build.stderr  # the link this test is about
+
+    script = (
+        "import sys\n"
+        f"sys.path.insert(0, {str(tmp_path)!r})\n"
+        "import torch, pka_ext\n"
+        f"assert pka_ext.__file__.startswith({str(tmp_path)!r}), pka_ext.__file__\n"
+        "op = torch.ops.pka_ext.pka_fwd\n"
+        "q, a = torch.randn(2, 1, 4, 2), torch.eye(4)\n"
+        "for call in (lambda: op(q, q, q, a, a, torch.tensor([5, 1]), 1.0, 0.0, None),\n"
+        "             lambda: op(q, q, q, a[:3, :3], a, None, 1.0, 0.0, None),\n"
+        "             lambda: op(q, q, q, a, a, None, 1.0, 1.5, torch.tensor([1]))):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        print(str(e).splitlines()[0])\n"
+    )
+    run = subprocess.run([sys.executable, "-X", "faulthandler", "-c", script], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    assert run.stdout.splitlines() == [
+        "lengths[0] = 5 is outside [0, T=4]",
+        "a_k must be [4, 4] or [1, 4, 4] to match q of shape [2, 1, 4, 2], got [3, 3]",
+        "dropout_p must be in [0, 1), got 1.5",
+    ], run.stdout

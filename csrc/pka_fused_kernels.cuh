@@ -195,7 +195,8 @@ struct Smem {
 
 // Warps per backward block and where its block buffers live. 8 warps keep more loads in flight in
 // the one block that fits on an SM at the usual sizes; shared memory beats the workspace, so 4 warps
-// in shared memory come before 8 in the workspace. `forced` (4 or 8; 0: free) fixes the count.
+// in shared memory come before 8 in the workspace. `forced` (4 or 8; 0: free) fixes the count
+// where that count fits.
 struct BwdPlan {
   int warps;
   bool in_smem;
@@ -208,7 +209,7 @@ BwdPlan bwd_plan(int Tp, size_t limit, int forced, bool force_workspace) {
     if ((forced != 0 && plan.warps != forced) || (plan.in_smem && force_workspace)) continue;
     if (Smem<T, D>::bwd(Tp, plan.in_smem, plan.warps) <= limit) return plan;
   }
-  return {forced == 8 ? 8 : 4, false};  // fused_supported() checked that 4 warps fit here
+  return {4, false};  // fused_supported() checked that this fits; a forced 8 that does not, yields
 }
 
 // Calls f(std::integral_constant<int, D>) for the head dims the kernels are built for; false for

@@ -143,6 +143,7 @@ def test_launch_plan(emu, d, T, elem, fits_fwd, fits_bwd):
     (64, 200, 4, False, (4, True)),    # PKA_BWD_WARPS=4
     (64, 512, 4, False, (4, False)),
     (64, 200, 0, True, (8, False)),    # PKA_FUSED_WORKSPACE=1
+    (128, 12000, 8, False, (4, False)),  # with 8 warps the row arrays no longer fit: 4
 ])
 def test_backward_launch_plan(emu, d, T, forced, workspace, plan):
     assert emu.bwd_plan(d, T, 2, 227 * 1024, forced, workspace) == plan

@@ -58,7 +58,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CPP_SOURCES = ["csrc/pka_ops.cpp", "csrc/pka_cpu.cpp"]
-CUDA_SOURCES = ["csrc/pka_cuda.cu", "csrc/pka_fused.cu"]
+CUDA_SOURCES = ["csrc/pka_cuda.cu", "csrc/pka_fused.cu", "csrc/pka_fused_bwd.cu"]
 
 
 def _use_cuda():

@@ -1,0 +1,74 @@
+// Launcher of the fused backward kernel (the algorithm: pka_fused.cu's header comment).
+#include <ATen/Dispatch.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "pka_fused.cuh"
+#include "pka_fused_host.cuh"
+
+namespace pka {
+
+using at::Tensor;
+using namespace fused;
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
+    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& a_k,
+    const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& lse_,
+    const Tensor& out_, const Dims& d, double scale, double dropout_p,
+    const std::optional<Tensor>& seed) {
+  c10::cuda::CUDAGuard device_guard(q_.device());
+  const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
+  const Tensor dout = contiguous16(dout_), out = contiguous16(out_), lse = lse_.contiguous();
+  const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
+  const Tensor len = device_lengths(lengths, q), order = block_order(len);
+  Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
+  auto f32 = q.options().dtype(at::kFloat);
+  Tensor dak = at::zeros({d.Hk, d.T, d.T}, f32), dav = at::zeros({d.Hv, d.T, d.T}, f32);
+  Tensor work;
+  const size_t limit = smem_limit(q);
+  const unsigned grid = grid_of(d);
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  PKA_DISPATCH_FUSED(q.scalar_type(), "pka_bwd_fused", [&] {
+    using T = typename Native<scalar_t>::type;
+    const bool built = with_head_dim(d.D, [&](auto Dc) {
+      constexpr int D = decltype(Dc)::value;
+      using SM = Smem<T, D>;
+      Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
+      p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
+      p.dout = reinterpret_cast<const T*>(dout.data_ptr());
+      p.o = reinterpret_cast<const T*>(out.data_ptr());
+      p.lse = lse.data_ptr<float>();
+      p.dq = reinterpret_cast<T*>(dq.data_ptr());
+      p.dk = reinterpret_cast<T*>(dk.data_ptr());
+      p.dv = reinterpret_cast<T*>(dv.data_ptr());
+      p.dak = dak.data_ptr<float>();
+      p.dav = dav.data_ptr<float>();
+      const BwdPlan plan = backward_plan<T, D>(p.Tp, limit);
+      if (!plan.in_smem) {
+        work = at::empty({d.B * d.H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
+                         q.options());
+        p.work = reinterpret_cast<T*>(work.data_ptr());
+      }
+      const size_t smem = SM::bwd(p.Tp, plan.in_smem, plan.warps);
+      if (grid == 0) return;
+      auto launch = [&](auto kernel) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+        kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
+      };
+      if (plan.warps == 8) {
+        launch(pka_bwd_kernel<T, D, 8>);
+      } else {
+        launch(pka_bwd_kernel<T, D, 4>);
+      }
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+    TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);
+  });
+  Tensor da_k = dak.to(q.scalar_type()).view(a_k.sizes());
+  Tensor da_v = dav.to(q.scalar_type()).view(a_v.sizes());
+  return {dq, dk, dv, da_k, da_v};
+}
+
+}  // namespace pka

@@ -68,22 +68,20 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
                                          double scale, double dropout_p,
                                          const std::optional<Tensor>& seed) {
   c10::cuda::CUDAGuard device_guard(q_.device());
-  const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
-  const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
-  const Tensor len = device_lengths(lengths, q), order = block_order(len);
+  const Inputs in = prepare(q_, k_, v_, a_k, a_v, lengths, d);
+  const Tensor& q = in.q;
   Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
   Tensor lse = at::empty({d.B, d.H, d.T}, q.options().dtype(at::kFloat));
   Tensor work;
-  const size_t limit = smem_limit(q);
-  const unsigned grid = grid_of(d);
+  const size_t limit = in.limit;
+  const unsigned grid = in.grid;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_fwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
     const bool built = with_head_dim(d.D, [&](auto Dc) {
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
-      Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
-      p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
+      Params<T> p = base_params<T>(in, d, scale, dropout_p, seed);
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
       const bool in_smem = !force_workspace() && SM::fwd(p.Tp, true) <= limit;

@@ -18,24 +18,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
     const Tensor& out_, const Dims& d, double scale, double dropout_p,
     const std::optional<Tensor>& seed) {
   c10::cuda::CUDAGuard device_guard(q_.device());
-  const Tensor q = contiguous16(q_), k = contiguous16(k_), v = contiguous16(v_);
+  const Inputs in = prepare(q_, k_, v_, a_k, a_v, lengths, d);
+  const Tensor& q = in.q;
   const Tensor dout = contiguous16(dout_), out = contiguous16(out_), lse = lse_.contiguous();
-  const Tensor ak = a_k.contiguous(), av = a_v.contiguous();
-  const Tensor len = device_lengths(lengths, q), order = block_order(len);
   Tensor dq = at::empty_like(q), dk = at::empty_like(q), dv = at::empty_like(q);
   auto f32 = q.options().dtype(at::kFloat);
   Tensor dak = at::zeros({d.Hk, d.T, d.T}, f32), dav = at::zeros({d.Hv, d.T, d.T}, f32);
   Tensor work;
-  const size_t limit = smem_limit(q);
-  const unsigned grid = grid_of(d);
+  const size_t limit = in.limit;
+  const unsigned grid = in.grid;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_bwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
     const bool built = with_head_dim(d.D, [&](auto Dc) {
       constexpr int D = decltype(Dc)::value;
       using SM = Smem<T, D>;
-      Params<T> p = base_params<T>(q, k, v, ak, av, len, d, scale, dropout_p, seed);
-      p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
+      Params<T> p = base_params<T>(in, d, scale, dropout_p, seed);
       p.dout = reinterpret_cast<const T*>(dout.data_ptr());
       p.o = reinterpret_cast<const T*>(out.data_ptr());
       p.lse = lse.data_ptr<float>();

@@ -92,29 +92,6 @@ BwdPlan backward_plan(int Tp, size_t limit) {
 
 inline int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
 
-template <typename T>
-Params<T> base_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
-                      const Tensor& av, const Tensor& lengths_dev, const Dims& d, double scale,
-                      double dropout_p, const std::optional<Tensor>& seed) {
-  Params<T> p{};
-  p.q = reinterpret_cast<const T*>(q.data_ptr());
-  p.k = reinterpret_cast<const T*>(k.data_ptr());
-  p.v = reinterpret_cast<const T*>(v.data_ptr());
-  p.ak = reinterpret_cast<const T*>(ak.data_ptr());
-  p.av = reinterpret_cast<const T*>(av.data_ptr());
-  p.lengths = lengths_dev.defined() ? lengths_dev.data_ptr<int64_t>() : nullptr;
-  p.H = static_cast<int>(d.H);
-  p.T = static_cast<int>(d.T);
-  p.Tp = padded_T(d);
-  p.Hk = static_cast<int>(d.Hk);
-  p.Hv = static_cast<int>(d.Hv);
-  p.scale = static_cast<float>(scale);
-  p.dropout = dropout_p > 0.0;
-  p.keep_scale = dropout_p > 0.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
-  p.seed = seed_value(seed);
-  p.threshold = dropout_threshold(dropout_p);
-  return p;
-}
 
 inline Tensor device_lengths(const std::optional<Tensor>& lengths, const Tensor& q) {
   return lengths.has_value() ? lengths->to(q.device(), at::kLong).contiguous() : Tensor();
@@ -137,6 +114,53 @@ inline unsigned grid_of(const Dims& d) {
   return static_cast<unsigned>(n);
 }
 
+
+// What both launchers hand the kernels: q, k, v contiguous and 16-byte aligned, the kernel matrices
+// contiguous, lengths on the device and the block order, and the launch limits.
+struct Inputs {
+  Tensor q, k, v, ak, av, len, order;
+  size_t limit;   // dynamic shared memory per block
+  unsigned grid;  // B * H blocks
+};
+
+inline Inputs prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a_k,
+                      const Tensor& a_v, const std::optional<Tensor>& lengths, const Dims& d) {
+  Inputs in;
+  in.q = contiguous16(q);
+  in.k = contiguous16(k);
+  in.v = contiguous16(v);
+  in.ak = a_k.contiguous();
+  in.av = a_v.contiguous();
+  in.len = device_lengths(lengths, in.q);
+  in.order = block_order(in.len);
+  in.limit = smem_limit(in.q);
+  in.grid = grid_of(d);
+  return in;
+}
+
+template <typename T>
+Params<T> base_params(const Inputs& in, const Dims& d, double scale, double dropout_p,
+                      const std::optional<Tensor>& seed) {
+  Params<T> p{};
+  p.q = reinterpret_cast<const T*>(in.q.data_ptr());
+  p.k = reinterpret_cast<const T*>(in.k.data_ptr());
+  p.v = reinterpret_cast<const T*>(in.v.data_ptr());
+  p.ak = reinterpret_cast<const T*>(in.ak.data_ptr());
+  p.av = reinterpret_cast<const T*>(in.av.data_ptr());
+  p.lengths = in.len.defined() ? in.len.data_ptr<int64_t>() : nullptr;
+  p.order = in.order.defined() ? in.order.data_ptr<int64_t>() : nullptr;
+  p.H = static_cast<int>(d.H);
+  p.T = static_cast<int>(d.T);
+  p.Tp = padded_T(d);
+  p.Hk = static_cast<int>(d.Hk);
+  p.Hv = static_cast<int>(d.Hv);
+  p.scale = static_cast<float>(scale);
+  p.dropout = dropout_p > 0.0;
+  p.keep_scale = dropout_p > 0.0 ? static_cast<float>(1.0 / (1.0 - dropout_p)) : 1.f;
+  p.seed = seed_value(seed);
+  p.threshold = dropout_threshold(dropout_p);
+  return p;
+}
 
 }  // namespace fused
 }  // namespace pka

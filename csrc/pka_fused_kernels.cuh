@@ -74,9 +74,6 @@ template <typename T>
 struct Mma {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
   __device__ static void zero(Acc& c) { wmma::fill_fragment(c, 0.f); }
-  __device__ static void load(Acc& c, const float* p, int ld) {
-    wmma::load_matrix_sync(c, p, ld, wmma::mem_row_major);
-  }
   __device__ static void store(float* p, int ld, const Acc& c) {
     wmma::store_matrix_sync(p, c, ld, wmma::mem_row_major);
   }
@@ -105,10 +102,6 @@ struct Mma<float> {
   __device__ static void zero(Acc& c) {
 #pragma unroll
     for (int e = 0; e < 8; ++e) c.x[e] = 0.f;
-  }
-  __device__ static void load(Acc& c, const float* p, int ld) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) c.x[e] = p[row() * ld + col0() + e];
   }
   __device__ static void store(float* p, int ld, const Acc& c) {
 #pragma unroll

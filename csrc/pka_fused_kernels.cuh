@@ -87,6 +87,15 @@ struct Mma {
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
+  // A row-major A operand held in registers across several products (load_a, then mma_a).
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
+  __device__ static void load_a(FragA& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
+  template <bool BT>
+  __device__ static void mma_a(Acc& c, const FragA& fa, const T* b, int ldb) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, std::conditional_t<BT, wmma::col_major, wmma::row_major>> fb;
+    wmma::load_matrix_sync(fb, b, ldb);
+    wmma::mma_sync(c, fa, fb, c);
+  }
 };
 #endif
 
@@ -116,6 +125,17 @@ struct Mma<float> {
 #pragma unroll
       for (int e = 0; e < 8; ++e) c.x[e] += av * (BT ? b[(c0 + e) * ldb + kk] : b[kk * ldb + c0 + e]);
     }
+  }
+  // On CUDA cores each product reads one row of A per lane, so there is nothing to keep: the
+  // "fragment" is where the operand lies.
+  struct FragA {
+    const float* a;
+    int lda;
+  };
+  __device__ static void load_a(FragA& f, const float* a, int lda) { f = {a, lda}; }
+  template <bool BT>
+  __device__ static void mma_a(Acc& c, const FragA& fa, const float* b, int ldb) {
+    mma<false, BT>(c, fa.a, fa.lda, b, ldb);
   }
 };
 
@@ -426,6 +446,34 @@ __device__ void stage_tile(const T* g, const Seq& q, int t, T* dst) {
   copy_rows<T, D>(g, q.s + t * 16, q.L - t * 16, 16, dst, Smem<T, D>::ld, threadIdx.x & 31, 32);
 }
 
+// One warp's 16-row tile of a [T, D] sequence slice (zero beyond L) in flight: fetched into
+// registers, put into shared memory (pitch LD) later, so that the fetch's round trip overlaps the
+// work on the tile before. Only while a lane holds at most four chunks (kFits): larger tiles would
+// take registers the backward does not have.
+template <typename T, int D>
+struct TileInFlight {
+  static constexpr int V = 16 / static_cast<int>(sizeof(T)), CPR = D / V, N = 16 * CPR / 32;
+  static constexpr bool kFits = N <= 4;
+  Chunk c[N];
+  __device__ void fetch(const T* g, const Seq& q, int t) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const int idx = lane + 32 * u, r = idx / CPR, row = t * 16 + r;
+      c[u] = zero_chunk();
+      if (row < q.L) ld16(g + static_cast<size_t>(q.s + row) * D + (idx - r * CPR) * V, c[u]);
+    }
+  }
+  __device__ void put(T* dst) const {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int u = 0; u < N; ++u) {
+      const int idx = lane + 32 * u, r = idx / CPR;
+      st16(dst + static_cast<size_t>(r) * Smem<T, D>::ld + (idx - r * CPR) * V, c[u]);
+    }
+  }
+};
+
 // Writes accumulator fragment `acc` (rows 16 t ..., columns c0 ... c0 + 15) times the per-row
 // factor `mul` (lane (r, half) holds row r's) to g[s + row, :] (row pitch D) for rows < L,
 // through the warp's fp32 scratch `tile` (16 x 16). One warp.
@@ -482,9 +530,14 @@ __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// Scores of query tile Qs against key tiles k0 / 16 ... + ntiles - 1 into Sf (pitch ld_s). One warp.
+// The D / 16 column blocks of a query tile, held in registers while it meets every key tile.
 template <typename T, int D>
-__device__ void score_chunk(const T* Qs, const T* K, int k0, int ntiles, float* Sf) {
+using QueryFrags = typename Mma<T>::FragA[D / 16];
+
+// Scores of the query tile (fragments fq) against key tiles k0 / 16 ... + ntiles - 1 into Sf
+// (pitch ld_s). One warp.
+template <typename T, int D>
+__device__ void score_chunk(const QueryFrags<T, D>& fq, const T* K, int k0, int ntiles, float* Sf) {
   using M = Mma<T>;
   constexpr int LD = Smem<T, D>::ld, LS = Smem<T, D>::ld_s;
   for (int kt = 0; kt < ntiles; ++kt) {
@@ -492,24 +545,24 @@ __device__ void score_chunk(const T* Qs, const T* K, int k0, int ntiles, float* 
     M::zero(acc);
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)
-      M::template mma<false, true>(acc, Qs + c * 16, LD,
-                                   K + static_cast<size_t>(k0 + kt * 16) * LD + c * 16, LD);
+      M::template mma_a<true>(acc, fq[c], K + static_cast<size_t>(k0 + kt * 16) * LD + c * 16, LD);
     M::store(Sf + kt * 16, LS, acc);
   }
   __syncwarp();
 }
 
-// Streams query tile Qs's visible keys (0 ... last) in chunks of kChunk: the scores go to Sf, then
+// Streams the query tile's visible keys (0 ... last) in chunks of kChunk: the scores go to Sf, then
 // f(c, j, s0, s1) runs for each of the lane's column pairs (chunk column c, key j, scores of keys
 // j and j + 1; lane (r, half) owns row r and the pairs 4 it + 2 half), then after(k0, ntiles)
 // once per chunk. One warp.
 template <typename T, int D, typename F, typename G>
-__device__ void over_scores(const T* Qs, const T* K, int last, float* Sf, F&& f, G&& after) {
+__device__ void over_scores(const QueryFrags<T, D>& fq, const T* K, int last, float* Sf, F&& f,
+                            G&& after) {
   constexpr int LS = Smem<T, D>::ld_s;
   const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
   for (int k0 = 0; k0 <= last; k0 += kChunk) {
     const int ntiles = min(kChunk / 16, (last - k0) / 16 + 1);
-    score_chunk<T, D>(Qs, K, k0, ntiles, Sf);
+    score_chunk<T, D>(fq, K, k0, ntiles, Sf);
     for (int it = 0; it < 4 * ntiles; ++it) {
       const int c = 4 * it + 2 * half;
       float s0, s1;
@@ -566,12 +619,16 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
     const bool row_ok = i < q.L;
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     __syncwarp();
+    // Loaded once for the tile's two passes over its keys, not once per key tile.
+    QueryFrags<T, D> fq;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) M::load_a(fq[c], Qs + c * 16, SM::ld);
     const int last = min(qt * 16 + 15, q.L - 1);  // the tile's last visible key
     // Two passes over the visible keys: the row maxima first, then the probabilities with the
     // final maxima, so that the output accumulates in registers with no rescaling (the scores
     // are recomputed: tensor-core work is cheap here, shared-memory traffic is not).
     float m2 = -INFINITY;
-    over_scores<T, D>(Qs, K, last, Sf, [&](int c, int j, float s0, float s1) {
+    over_scores<T, D>(fq, K, last, Sf, [&](int c, int j, float s0, float s1) {
       if (row_ok && j <= i) m2 = fmaxf(m2, s0 * c2);
       if (row_ok && j + 1 <= i) m2 = fmaxf(m2, s1 * c2);
     }, [](int, int) {});
@@ -583,7 +640,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::zero(o[c]);
     float l = 0.f;  // sum of the un-dropped probabilities
-    over_scores<T, D>(Qs, K, last, Sf, [&](int c, int j, float s0, float s1) {
+    over_scores<T, D>(fq, K, last, Sf, [&](int c, int j, float s0, float s1) {
       float e0 = 0.f, e1 = 0.f;
       if (row_ok && j <= i) e0 = exp2f(s0 * c2 - m2);
       if (row_ok && j + 1 <= i) e1 = exp2f(s1 * c2 - m2);
@@ -595,11 +652,13 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
       P[r * LP + c] = from_f<T>(e0);
       P[r * LP + c + 1] = from_f<T>(e1);
     }, [&](int k0, int ntiles) {
+      for (int kt = 0; kt < ntiles; ++kt) {
+        typename M::FragA fp;  // one probability block serves every column block of the output
+        M::load_a(fp, P + kt * 16, LP);
 #pragma unroll
-      for (int c = 0; c < D / 16; ++c)
-        for (int kt = 0; kt < ntiles; ++kt)
-          M::template mma<false, false>(o[c], P + kt * 16, LP,
-                                        V + static_cast<size_t>(k0 + kt * 16) * SM::ld + c * 16, SM::ld);
+        for (int c = 0; c < D / 16; ++c)
+          M::template mma_a<false>(o[c], fp, V + static_cast<size_t>(k0 + kt * 16) * SM::ld + c * 16, SM::ld);
+      }
       __syncwarp();
     });
     l += __shfl_xor_sync(kFull, l, 1);
@@ -729,9 +788,26 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
       M::zero(gk[c]);
       M::zero(gv[c]);
     }
+    // Every pair restages a query and a dout tile: the next pair's are fetched while this one
+    // is computed.
+    using Ahead = TileInFlight<T, D>;
+    Ahead next_q, next_do;
+    if constexpr (Ahead::kFits) {
+      next_q.fetch(p.q + base, q, kt);
+      next_do.fetch(dout, q, kt);
+    }
     for (int qt = kt; qt < q.nt; ++qt) {
-      stage_tile<T, D>(p.q + base, q, qt, Qs);
-      stage_tile<T, D>(dout, q, qt, dOs);
+      if constexpr (Ahead::kFits) {
+        next_q.put(Qs);
+        next_do.put(dOs);
+        if (qt + 1 < q.nt) {
+          next_q.fetch(p.q + base, q, qt + 1);
+          next_do.fetch(dout, q, qt + 1);
+        }
+      } else {
+        stage_tile<T, D>(p.q + base, q, qt, Qs);
+        stage_tile<T, D>(dout, q, qt, dOs);
+      }
       __syncwarp();
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, PZ, dS);
 #pragma unroll

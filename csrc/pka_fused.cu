@@ -9,8 +9,9 @@
 // otherwise in a per-block slice of a global workspace (same code: generic pointers), which keeps
 // every T working at the price of L2/HBM traffic for long sequences.
 //
-// Forward: per 16-query tile, one warp makes two passes over the visible keys, 64 at a time: the
-//   row maxima of the scores, then the probabilities with those maxima, accumulating P V in
+// Forward: K and V are mixed in place in their buffers (tiles from the last down, in rounds). Per
+//   16-query tile, one warp makes two passes over the visible keys, 32 at a time: the row maxima
+//   of the scores, then the probabilities with those maxima, accumulating P V in
 //   registers (no rescaling, so the output never goes through shared memory) and the row sums l of
 //   the un-dropped probabilities; dropout multiplies the probabilities by keep / (1 - p) before
 //   they meet V, and the row is divided by l at the end, exactly the CPU op's

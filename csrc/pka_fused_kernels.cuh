@@ -6,6 +6,7 @@
 
 #include <c10/macros/Macros.h>  // CUDA_KERNEL_ASSERT_MSG
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -33,7 +34,9 @@ namespace wmma = nvcuda::wmma;
 // keep more loads in flight; the host picks (pka_fused.cu).
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
-constexpr int kChunk = 64;  // keys per softmax step in the forward
+// Keys per softmax step in the forward. 32 rather than 64 halves the warps' score and probability
+// space, which lets three forward blocks share an SM at the headline sizes (T = 200, d = 64).
+constexpr int kChunk = 32;
 constexpr unsigned kFull = 0xffffffffu;
 
 // bfloat16 WMMA needs sm_80; older targets compile a body that traps (fused_supported() keeps
@@ -87,7 +90,9 @@ struct Mma {
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
-  // A row-major A operand held in registers across several products (load_a, then mma_a).
+  // A row-major A operand held in registers across several products (load_a, then mma_a); the
+  // memory it came from may be reused once it is loaded.
+  static constexpr bool kHoldsA = true;
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
   __device__ static void load_a(FragA& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
   template <bool BT>
@@ -127,7 +132,8 @@ struct Mma<float> {
     }
   }
   // On CUDA cores each product reads one row of A per lane, so there is nothing to keep: the
-  // "fragment" is where the operand lies.
+  // "fragment" is where the operand lies, and that memory must stay as it is while it is used.
+  static constexpr bool kHoldsA = false;
   struct FragA {
     const float* a;
     int lda;
@@ -172,9 +178,9 @@ __host__ __device__ constexpr int pitch(int n) {
 }
 
 // Shared-memory budget, shared by host (launch size) and device (carving).
-// Block buffers of Tp rows (pitch ld): forward K, V and the staging rows; backward K, V, staging
-// rows (then dK_mixed) and dV_mixed.
-constexpr int kFwdBuffers = 3;
+// Block buffers of Tp rows (pitch ld): forward K and V (raw rows mixed in place); backward K, V,
+// staging rows (then dK_mixed) and dV_mixed.
+constexpr int kFwdBuffers = 2;
 constexpr int kBwdBuffers = 4;
 
 template <typename T, int D>
@@ -185,21 +191,20 @@ struct Smem {
   static constexpr int ld_t = pitch<T>(16);          // 16 x 16 tiles of T
   // A tile of T (kernel-matrix block) + a 16 x 16 fp32 tile, per warp.
   static constexpr size_t mix = 16 * ld_t * sizeof(T) + 256 * sizeof(float);
-  // Query tile, scores, probabilities.
-  static constexpr size_t fwd_warp =
-      16 * ld * sizeof(T) + 16 * ld_s * sizeof(float) + 16 * ld_p * sizeof(T);
+  // Forward, per warp: the query tile, then the scores and probabilities from offset fwd_sf: in
+  // the same space where the query's fragments are held in registers (Mma::kHoldsA); the mixing
+  // step's scratch before all of it.
+  static constexpr size_t fwd_q = 16 * ld * sizeof(T);
+  static constexpr size_t fwd_sf = Mma<T>::kHoldsA ? 0 : fwd_q;
+  static constexpr size_t fwd_sp = 16 * ld_s * sizeof(float) + 16 * ld_p * sizeof(T);
+  static constexpr size_t fwd_warp = std::max({fwd_q, fwd_sf + fwd_sp, mix});
   // Query and dout tiles, S and dP (fp32 16 x 16), P Z and dS (16 x 16 of T).
   static constexpr size_t bwd_warp =
       2 * 16 * ld * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 16 * ld_t * sizeof(T);
   __host__ __device__ static size_t buf_elems(int Tp) { return static_cast<size_t>(Tp) * ld; }
   __host__ __device__ static size_t buf(int Tp) { return buf_elems(Tp) * sizeof(T); }
-  __host__ __device__ static size_t fwd_warps(int Tp, bool in_smem) {
-    // In shared memory, the staging buffer of the mixing step and the warps' scratch share space.
-    const size_t warps = kWarps * fwd_warp;
-    return in_smem && buf(Tp) > warps ? buf(Tp) : warps;
-  }
   static size_t fwd(int Tp, bool in_smem) {
-    return (in_smem ? 2 * buf(Tp) : 0) + fwd_warps(Tp, in_smem) + kWarps * mix;
+    return (in_smem ? kFwdBuffers * buf(Tp) : 0) + kWarps * fwd_warp;
   }
   static size_t bwd(int Tp, bool in_smem, int warps) {
     return (in_smem ? kBwdBuffers * buf(Tp) : 0) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
@@ -345,60 +350,96 @@ __device__ void stage_rows(const T* __restrict__ g, int s, int L, int rows, T* d
   copy_rows<T, D>(g, s, L, rows, dst, Smem<T, D>::ld, threadIdx.x, 32 * W);
 }
 
-// Rows r < limit of dst (row pitch ldd) = M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its
-// transpose) and src (pitch LD) is Lp rows with zeros from L on. `stage` (16 x 16 of T, pitch
-// ld_t) and `tile` (16 x 16 fp32) are the warp's own scratch.
+// acc = output tile ti of M src, where M = tril(A)[s:s+L, s:s+L] (TRANS: its transpose) and src
+// (pitch LD) is Lp rows with zeros from L on. `stage` (16 x 16 of T, pitch ld_t) is the warp's
+// own scratch. One warp.
+template <typename T, int D, bool TRANS>
+__device__ void mix_tile(const T* __restrict__ A, int Tn, int s, int L, int nt, int ti, const T* src,
+                         typename Mma<T>::Acc (&acc)[D / 16], T* stage) {
+  using M = Mma<T>;
+  constexpr int LD = Smem<T, D>::ld, LT = Smem<T, D>::ld_t;
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) M::zero(acc[c]);
+  // Output tile ti sums over tj <= ti (ti + 1 tiles), transposed over tj >= ti (nt - ti tiles).
+  const int lo = TRANS ? ti : 0, hi = TRANS ? nt - 1 : ti;
+  // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
+  // read along its rows, so that the loads are contiguous; the transposed case then reads it as
+  // a column-major operand. Its rows start anywhere (s is arbitrary), so the loads are scalar:
+  // all 8 of a lane are issued together, and the next block's while this one is multiplied.
+  T a[8];
+  auto fetch = [&](int tj) {
+    const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj;
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int e = lane + 32 * u, row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
+      a[u] = row < L && col <= row ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
+    }
+  };
+  fetch(lo);
+  for (int tj = lo; tj <= hi; ++tj) {
+#pragma unroll
+    for (int u = 0; u < 8; ++u) {
+      const int e = lane + 32 * u;
+      stage[(e >> 4) * LT + (e & 15)] = a[u];
+    }
+    __syncwarp();
+    if (tj < hi) fetch(tj + 1);
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c)
+      M::template mma<TRANS, false>(acc[c], stage, LT, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
+    __syncwarp();
+  }
+}
+
+// Rows r < limit of tile ti of dst (row pitch ldd) = acc, through the warp's fp32 scratch `tile`
+// (16 x 16). One warp.
+template <typename T, int D>
+__device__ void put_tile(const typename Mma<T>::Acc (&acc)[D / 16], int ti, T* dst, int ldd,
+                         int limit, float* tile) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) {
+    Mma<T>::store(tile, 16, acc[c]);
+    __syncwarp();
+    for (int e = lane; e < 256; e += 32) {
+      const int r = ti * 16 + (e >> 4);
+      if (r < limit) dst[static_cast<size_t>(r) * ldd + c * 16 + (e & 15)] = from_f<T>(tile[e]);
+    }
+    __syncwarp();
+  }
+}
+
+// Rows r < limit of dst (row pitch ldd) = M src (see mix_tile), tiles dealt to the W warps. Whole
+// block.
 template <typename T, int D, bool TRANS, int W>
 __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, const T* src,
                          T* dst, int ldd, int limit, T* stage, float* tile) {
-  using M = Mma<T>;
-  constexpr int LD = Smem<T, D>::ld, LT = Smem<T, D>::ld_t;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  // Output tile ti sums over tj <= ti (ti + 1 tiles), transposed over tj >= ti (nt - ti tiles).
+  const int warp = threadIdx.x >> 5;
   for (int k = 0; k * W < nt; ++k) {
     const int ti = dealt<W>(k, warp, nt, !TRANS);
     if (ti < 0) continue;
-    typename M::Acc acc[D / 16];
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) M::zero(acc[c]);
-    const int lo = TRANS ? ti : 0, hi = TRANS ? nt - 1 : ti;
-    // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
-    // read along its rows, so that the loads are contiguous; the transposed case then reads it as
-    // a column-major operand. Its rows start anywhere (s is arbitrary), so the loads are scalar:
-    // all 8 of a lane are issued together, and the next block's while this one is multiplied.
-    T a[8];
-    auto fetch = [&](int tj) {
-      const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj;
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int e = lane + 32 * u, row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
-        a[u] = row < L && col <= row ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
-      }
-    };
-    fetch(lo);
-    for (int tj = lo; tj <= hi; ++tj) {
-#pragma unroll
-      for (int u = 0; u < 8; ++u) {
-        const int e = lane + 32 * u;
-        stage[(e >> 4) * LT + (e & 15)] = a[u];
-      }
-      __syncwarp();
-      if (tj < hi) fetch(tj + 1);
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c)
-        M::template mma<TRANS, false>(acc[c], stage, LT, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
-      __syncwarp();
-    }
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      M::store(tile, 16, acc[c]);
-      __syncwarp();
-      for (int e = lane; e < 256; e += 32) {
-        const int r = ti * 16 + (e >> 4);
-        if (r < limit) dst[static_cast<size_t>(r) * ldd + c * 16 + (e & 15)] = from_f<T>(tile[e]);
-      }
-      __syncwarp();
-    }
+    typename Mma<T>::Acc acc[D / 16];
+    mix_tile<T, D, TRANS>(A, Tn, s, L, nt, ti, src, acc, stage);
+    put_tile<T, D>(acc, ti, dst, ldd, limit, tile);
+  }
+}
+
+// buf (Lp rows, pitch LD; zeros from L on) becomes M buf, M = tril(A)[s:s+L, s:s+L], without a
+// second buffer: output tile ti reads input tiles 0 ... ti, so the tiles are computed from the last
+// down in rounds of W, one per warp, and a round stores its tiles only after all of its warps have
+// read their inputs; no later round reads a tile an earlier one stored. Whole block.
+template <typename T, int D, int W>
+__device__ void mix_in_place(const T* __restrict__ A, int Tn, int s, int L, int nt, T* buf, T* stage,
+                             float* tile) {
+  const int warp = threadIdx.x >> 5;
+  for (int top = nt - 1; top >= 0; top -= W) {
+    const int ti = top - warp;
+    typename Mma<T>::Acc acc[D / 16];
+    if (ti >= 0) mix_tile<T, D, false>(A, Tn, s, L, nt, ti, buf, acc, stage);
+    __syncthreads();
+    if (ti >= 0) put_tile<T, D>(acc, ti, buf, Smem<T, D>::ld, 16 * nt, tile);
+    __syncthreads();
   }
 }
 
@@ -510,7 +551,21 @@ __device__ const T* head_kernel(const T* a, int heads, int h, int Tn) {
   return a + static_cast<size_t>(heads == 1 ? 0 : h) * Tn * Tn;
 }
 
-// K = tril(A_k) k and V = tril(A_v) v on the block's valid rows; X is staging space. Whole block.
+// K = tril(A_k) k and V = tril(A_v) v on the block's valid rows (zeros from L to Lp), each mixed
+// in place in its buffer: the forward has no third block buffer, so that three blocks fit on an SM
+// at the headline sizes. Whole block.
+template <typename T, int D, int W>
+__device__ void mix_keys_values_in_place(const Params<T>& p, const Seq& q, size_t base, T* K, T* V,
+                                         T* stage, float* tile) {
+  stage_rows<T, D, W>(p.k + base, q.s, q.L, q.Lp, K);
+  stage_rows<T, D, W>(p.v + base, q.s, q.L, q.Lp, V);
+  __syncthreads();
+  mix_in_place<T, D, W>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, K, stage, tile);
+  mix_in_place<T, D, W>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, V, stage, tile);
+}
+
+// The same through staging space X: the backward has that buffer anyway (it holds dK_mixed later),
+// and dealing whole tiles to the warps avoids the in-place order's rounds and barriers. Whole block.
 template <typename T, int D, int W>
 __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T* X, T* K, T* V,
                                 T* stage, float* tile) {
@@ -518,12 +573,12 @@ __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T
   stage_rows<T, D, W>(p.k + base, q.s, q.L, q.Lp, X);
   __syncthreads();
   mix_rows<T, D, false, W>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, X, K, LD, q.Lp,
-                        stage, tile);
+                           stage, tile);
   __syncthreads();
   stage_rows<T, D, W>(p.v + base, q.s, q.L, q.Lp, X);
   __syncthreads();
   mix_rows<T, D, false, W>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, X, V, LD, q.Lp,
-                        stage, tile);
+                           stage, tile);
   __syncthreads();
 }
 
@@ -595,18 +650,16 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   const size_t buf = SM::buf_elems(p.Tp);
   T* K = block_buffers(p, q, smem, kFwdBuffers, buf);
   T* V = K + buf;
-  T* X = V + buf;  // staged raw rows; in shared memory its space is reused by the warps below
-  unsigned char* warps = p.work == nullptr ? reinterpret_cast<unsigned char*>(X) : smem;
-  unsigned char* mixs = warps + SM::fwd_warps(p.Tp, p.work == nullptr) + warp * SM::mix;
-  T* stage = reinterpret_cast<T*>(mixs);
-  float* tile = reinterpret_cast<float*>(mixs + 16 * SM::ld_t * sizeof(T));
+  unsigned char* mine =
+      (p.work == nullptr ? smem + kFwdBuffers * SM::buf(p.Tp) : smem) + warp * SM::fwd_warp;
+  T* stage = reinterpret_cast<T*>(mine);
+  float* tile = reinterpret_cast<float*>(mine + 16 * SM::ld_t * sizeof(T));
 
-  mix_keys_values<T, D, kWarps>(p, q, base, X, K, V, stage, tile);
+  mix_keys_values_in_place<T, D, kWarps>(p, q, base, K, V, stage, tile);
 
-  unsigned char* mine = warps + warp * SM::fwd_warp;
-  T* Qs = reinterpret_cast<T*>(mine);                   // [16, ld]
-  float* Sf = reinterpret_cast<float*>(Qs + 16 * SM::ld);  // [16, ld_s] raw scores
-  T* P = reinterpret_cast<T*>(Sf + 16 * LS);            // [16, ld_p] probabilities (x dropout)
+  T* Qs = reinterpret_cast<T*>(mine);                  // [16, ld]
+  float* Sf = reinterpret_cast<float*>(mine + SM::fwd_sf);  // [16, ld_s] raw scores
+  T* P = reinterpret_cast<T*>(Sf + 16 * LS);           // [16, ld_p] probabilities (x dropout)
   // Lane (r, half) owns query row r of the tile (see over_scores): the pair of lanes of a row reads
   // 16 contiguous bytes of scores per step, and the 16 rows fall in different banks (pitch ld_s).
   const int r = lane >> 1, half = lane & 1;
@@ -623,6 +676,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
     QueryFrags<T, D> fq;
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::load_a(fq[c], Qs + c * 16, SM::ld);
+    __syncwarp();  // the scores may overwrite Qs
     const int last = min(qt * 16 + 15, q.L - 1);  // the tile's last visible key
     // Two passes over the visible keys: the row maxima first, then the probabilities with the
     // final maxima, so that the output accumulates in registers with no rescaling (the scores

@@ -136,6 +136,15 @@ def test_launch_plan(emu, d, T, elem, fits_fwd, fits_bwd):
     assert fwd_ws <= limit and bwd_ws <= limit  # the workspace path always launches
 
 
+@pytest.mark.parametrize("d,T,blocks", [(64, 200, 3), (64, 128, 4), (32, 200, 4), (64, 50, 6)])
+def test_forward_blocks_per_sm(emu, d, T, blocks):
+    """16-bit forward blocks that share an H100/H200 SM by shared memory (228 KB, 1 KB reserved
+    per block): the in-place mixing and the query tile held in registers are there for the third
+    block at the headline shape."""
+    fwd_smem, _ = emu.smem_bytes(d, T, True, 2)
+    assert (228 * 1024) // (fwd_smem + 1024) == blocks
+
+
 @pytest.mark.parametrize("d,T,forced,workspace,plan", [
     (64, 200, 0, False, (8, True)),    # headline: 8 warps still fit beside the four buffers
     (64, 300, 0, False, (4, True)),    # 8 warps would not fit: 4 in shared memory beat the workspace

@@ -90,13 +90,16 @@ struct Mma {
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
-  // A row-major A operand held in registers across several products (load_a, then mma_a); the
-  // memory it came from may be reused once it is loaded.
+  // An A operand held in registers across several products (load_a, then mma_a), row-major or
+  // transposed (AT) as in mma; the memory it came from may be reused once it is loaded.
   static constexpr bool kHoldsA = true;
-  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major>;
-  __device__ static void load_a(FragA& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
-  template <bool BT>
-  __device__ static void mma_a(Acc& c, const FragA& fa, const T* b, int ldb) {
+  template <bool AT>
+  using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T,
+                               std::conditional_t<AT, wmma::col_major, wmma::row_major>>;
+  template <typename F>
+  __device__ static void load_a(F& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
+  template <bool BT, typename F>
+  __device__ static void mma_a(Acc& c, const F& fa, const T* b, int ldb) {
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, std::conditional_t<BT, wmma::col_major, wmma::row_major>> fb;
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
@@ -134,14 +137,20 @@ struct Mma<float> {
   // On CUDA cores each product reads one row of A per lane, so there is nothing to keep: the
   // "fragment" is where the operand lies, and that memory must stay as it is while it is used.
   static constexpr bool kHoldsA = false;
+  template <bool AT>
   struct FragA {
+    static constexpr bool kT = AT;
     const float* a;
     int lda;
   };
-  __device__ static void load_a(FragA& f, const float* a, int lda) { f = {a, lda}; }
-  template <bool BT>
-  __device__ static void mma_a(Acc& c, const FragA& fa, const float* b, int ldb) {
-    mma<false, BT>(c, fa.a, fa.lda, b, ldb);
+  template <typename F>
+  __device__ static void load_a(F& f, const float* a, int lda) {
+    f.a = a;
+    f.lda = lda;
+  }
+  template <bool BT, typename F>
+  __device__ static void mma_a(Acc& c, const F& fa, const float* b, int ldb) {
+    mma<F::kT, BT>(c, fa.a, fa.lda, b, ldb);
   }
 };
 
@@ -385,9 +394,11 @@ __device__ void mix_tile(const T* __restrict__ A, int Tn, int s, int L, int nt, 
     }
     __syncwarp();
     if (tj < hi) fetch(tj + 1);
+    typename M::template FragA<TRANS> fa;
+    M::load_a(fa, stage, LT);
 #pragma unroll
     for (int c = 0; c < D / 16; ++c)
-      M::template mma<TRANS, false>(acc[c], stage, LT, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
+      M::template mma_a<false>(acc[c], fa, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
     __syncwarp();
   }
 }
@@ -587,7 +598,7 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // The D / 16 column blocks of a query tile, held in registers while it meets every key tile.
 template <typename T, int D>
-using QueryFrags = typename Mma<T>::FragA[D / 16];
+using QueryFrags = typename Mma<T>::template FragA<false>[D / 16];
 
 // Scores of the query tile (fragments fq) against key tiles k0 / 16 ... + ntiles - 1 into Sf
 // (pitch ld_s). One warp.
@@ -707,7 +718,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
       P[r * LP + c + 1] = from_f<T>(e1);
     }, [&](int k0, int ntiles) {
       for (int kt = 0; kt < ntiles; ++kt) {
-        typename M::FragA fp;  // one probability block serves every column block of the output
+        typename M::template FragA<false> fp;  // one probability block for every output column block
         M::load_a(fp, P + kt * 16, LP);
 #pragma unroll
         for (int c = 0; c < D / 16; ++c)
@@ -864,10 +875,13 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
       }
       __syncwarp();
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, PZ, dS);
+      typename M::template FragA<true> fpz, fds;
+      M::load_a(fpz, PZ, LT);
+      M::load_a(fds, dS, LT);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c) {
-        M::template mma<true, false>(gv[c], PZ, LT, dOs + c * 16, LD);
-        M::template mma<true, false>(gk[c], dS, LT, Qs + c * 16, LD);
+        M::template mma_a<false>(gv[c], fpz, dOs + c * 16, LD);
+        M::template mma_a<false>(gk[c], fds, Qs + c * 16, LD);
       }
       __syncwarp();
     }
@@ -889,9 +903,11 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
     __syncwarp();
     for (int kt = 0; kt <= qt; ++kt) {
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, nullptr, dS);
+      typename M::template FragA<false> fds;
+      M::load_a(fds, dS, LT);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
-        M::template mma<false, false>(gq[c], dS, LT, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
+        M::template mma_a<false>(gq[c], fds, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
       __syncwarp();
     }
 #pragma unroll

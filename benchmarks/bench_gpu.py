@@ -8,9 +8,10 @@ cache flushed before every run, the median of --repeats runs of
   - forward (no autograd) and forward + backward (autograd, out.backward(dout));
   - ``fused``: pka_ext.pka_attention; ``unfused``: the same with PKA_CUDA_UNFUSED=1;
     ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask;
-  - variants of ``fused``, to compare tuning choices in one run: forward + backward with the
-    backward block fixed at 4 and at 8 warps (PKA_BWD_WARPS), forward and forward + backward with
-    the blocks in batch order instead of longest sequence first (PKA_BLOCK_ORDER=0).
+  - variants of ``fused``, to compare tuning choices in one run: the forward with its blocks fixed
+    at 4 and at 8 warps (PKA_FWD_WARPS), forward + backward with the backward block fixed at 4 and
+    at 8 warps (PKA_BWD_WARPS), forward and forward + backward with the blocks in batch order
+    instead of longest sequence first (PKA_BLOCK_ORDER=0).
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
@@ -95,15 +96,18 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
     q, k, v, a_k, a_v, lengths = make_inputs(B, H, T, d, dtype=dtype, device="cuda")
     dout = torch.randn_like(q)
     pka = lambda: pka_ext.pka_attention(q, k, v, a_k, a_v, lengths)  # noqa: E731
-    # name -> (environment for the whole timed call, backward included; the forward; time the
-    # forward alone too)
-    impls = {"fused": ({}, pka, True), "unfused": ({"PKA_CUDA_UNFUSED": "1"}, pka, True),
-             "composition": ({}, lambda: composition(q, k, v, a_k, a_v, lengths), True),
-             "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, False), "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, False),
-             "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, True)}
+    # name -> (environment for the whole timed call, backward included; the forward; what to time)
+    both, fwd_only, fwdbwd_only = ("fwd", "fwdbwd"), ("fwd",), ("fwdbwd",)
+    impls = {"fused": ({}, pka, both), "unfused": ({"PKA_CUDA_UNFUSED": "1"}, pka, both),
+             "composition": ({}, lambda: composition(q, k, v, a_k, a_v, lengths), both),
+             "fwd4": ({"PKA_FWD_WARPS": "4"}, pka, fwd_only),
+             "fwd8": ({"PKA_FWD_WARPS": "8"}, pka, fwd_only),
+             "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, fwdbwd_only),
+             "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, fwdbwd_only),
+             "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, both)}
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
-    for name, (env, fn, forward_too) in impls.items():
-        if forward_too:
+    for name, (env, fn, modes) in impls.items():
+        if "fwd" in modes:
             with torch.no_grad():
                 row[f"fwd_ms_{name}"] = timer(with_env(env, fn))
 
@@ -113,7 +117,8 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
             for t in (q, k, v, a_k, a_v):
                 t.grad = None
 
-        row[f"fwdbwd_ms_{name}"] = timer(with_env(env, fwd_bwd))
+        if "fwdbwd" in modes:
+            row[f"fwdbwd_ms_{name}"] = timer(with_env(env, fwd_bwd))
     fwd_b, total_b = floor_bytes(B, H, T, d, q.element_size())
     row["fwd_floor_ms"] = fwd_b / bw * 1e3
     row["fwdbwd_floor_ms"] = total_b / bw * 1e3
@@ -163,11 +168,14 @@ def report(rows, bw, info, args) -> str:
             f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
             f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
             f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
-    md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 8 warps per "
-           "backward block where they fit, blocks longest sequence first):", "",
-           "| T | d | fwd+bwd, backward 4 warps | fwd+bwd, backward 8 warps | fwd, batch order "
-           "| fwd+bwd, batch order |", "|---|---|---|---|---|---|"]
-    md += [f"| {r['T']} | {r['d']} | {r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
+    md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 4 warps per "
+           "forward block unless one block would have its SM to itself, 8 per backward block where "
+           "they fit, blocks longest sequence first):", "",
+           "| T | d | fwd, 4 warps | fwd, 8 warps | fwd+bwd, backward 4 warps "
+           "| fwd+bwd, backward 8 warps | fwd, batch order | fwd+bwd, batch order |",
+           "|---|---|---|---|---|---|---|---|"]
+    md += [f"| {r['T']} | {r['d']} | {r['fwd_ms_fwd4']:.3f} | {r['fwd_ms_fwd8']:.3f} | "
+           f"{r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
            f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} |" for r in rows]
     if len(rows) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]

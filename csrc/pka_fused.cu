@@ -57,7 +57,7 @@ bool fused_supported(const Tensor& q, const Dims& d) {
     using T = typename Native<scalar_t>::type;
     built = with_head_dim(d.D, [&](auto D) {
       using SM = Smem<T, decltype(D)::value>;
-      fits = SM::fwd(padded_T(d), false) <= limit && SM::bwd(padded_T(d), false, 4) <= limit;
+      fits = SM::fwd(padded_T(d), false, 8) <= limit && SM::bwd(padded_T(d), false, 4) <= limit;
     });
   });
   return built && fits;
@@ -74,7 +74,6 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
   Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
   Tensor lse = at::empty({d.B, d.H, d.T}, q.options().dtype(at::kFloat));
   Tensor work;
-  const size_t limit = in.limit;
   const unsigned grid = in.grid;
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_fwd_fused", [&] {
@@ -85,18 +84,24 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       Params<T> p = base_params<T>(in, d, scale, dropout_p, seed);
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
-      const bool in_smem = !force_workspace() && SM::fwd(p.Tp, true) <= limit;
-      if (!in_smem) {
+      const Plan plan = forward_plan<T, D>(p.Tp, device_limits(q));
+      if (!plan.in_smem) {
         work = at::empty({d.B * d.H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
                          q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
-      const size_t smem = SM::fwd(p.Tp, in_smem);
+      const size_t smem = SM::fwd(p.Tp, plan.in_smem, plan.warps);
       if (grid == 0) return;
-      C10_CUDA_CHECK(cudaFuncSetAttribute(pka_fwd_kernel<T, D>,
-                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                          static_cast<int>(smem)));
-      pka_fwd_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
+      auto launch = [&](auto kernel) {
+        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem)));
+        kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
+      };
+      if (plan.warps == 8) {
+        launch(pka_fwd_kernel<T, D, 8>);
+      } else {
+        launch(pka_fwd_kernel<T, D, 4>);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);

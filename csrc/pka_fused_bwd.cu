@@ -42,7 +42,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dv = reinterpret_cast<T*>(dv.data_ptr());
       p.dak = dak.data_ptr<float>();
       p.dav = dav.data_ptr<float>();
-      const BwdPlan plan = backward_plan<T, D>(p.Tp, limit);
+      const Plan plan = backward_plan<T, D>(p.Tp, limit);
       if (!plan.in_smem) {
         work = at::empty({d.B * d.H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
                          q.options());

@@ -44,8 +44,10 @@ struct Native<at::BFloat16> {
 // What the launch plan needs to know about a device, queried once per device rather than on
 // every op call.
 struct DeviceLimits {
-  int major;          // compute capability
-  size_t smem_optin;  // dynamic shared memory a block may opt in to
+  int major;             // compute capability
+  size_t smem_optin;     // dynamic shared memory a block may opt in to
+  size_t smem_per_sm;    // shared memory of one SM, for all its blocks
+  size_t smem_reserved;  // shared memory the system keeps per block
 };
 
 inline const DeviceLimits& device_limits(const Tensor& q) {
@@ -55,10 +57,14 @@ inline const DeviceLimits& device_limits(const Tensor& q) {
   std::lock_guard<std::mutex> lock(mutex);
   auto it = cache.find(dev);
   if (it == cache.end()) {
-    int major = 0, smem = 0;
+    int major = 0, smem = 0, per_sm = 0, reserved = 0;
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    it = cache.emplace(dev, DeviceLimits{major, static_cast<size_t>(smem)}).first;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
+    it = cache.emplace(dev, DeviceLimits{major, static_cast<size_t>(smem), static_cast<size_t>(per_sm),
+                                         static_cast<size_t>(reserved)})
+             .first;
   }
   return it->second;
 }
@@ -79,15 +85,26 @@ inline Tensor contiguous16(const Tensor& t) {
   return reinterpret_cast<std::uintptr_t>(c.data_ptr()) % 16 == 0 ? c : c.clone();
 }
 
-// The backward's launch plan (bwd_plan in pka_fused_kernels.cuh). PKA_BWD_WARPS=4 or 8 fixes the
-// warp count, to compare the two on a device.
-template <typename T, int D>
-BwdPlan backward_plan(int Tp, size_t limit) {
-  const char* env = std::getenv("PKA_BWD_WARPS");
+// PKA_FWD_WARPS / PKA_BWD_WARPS = 4 or 8 fix the warps per block of the forward / backward, to
+// compare the choices on a device; 0 when unset.
+inline int forced_warps(const char* variable) {
+  const char* env = std::getenv(variable);
   const int forced = env != nullptr && env[0] != '\0' ? std::atoi(env) : 0;
-  TORCH_CHECK(forced == 0 || forced == 4 || forced == 8, "PKA_BWD_WARPS must be 4 or 8, got '", env,
+  TORCH_CHECK(forced == 0 || forced == 4 || forced == 8, variable, " must be 4 or 8, got '", env,
               "'");
-  return bwd_plan<T, D>(Tp, limit, forced, force_workspace());
+  return forced;
+}
+
+// The launch plans of pka_fused_kernels.cuh with this device's limits and the environment.
+template <typename T, int D>
+Plan forward_plan(int Tp, const DeviceLimits& dev) {
+  return fwd_plan<T, D>(Tp, dev.smem_optin, dev.smem_per_sm, dev.smem_reserved,
+                        forced_warps("PKA_FWD_WARPS"), force_workspace());
+}
+
+template <typename T, int D>
+Plan backward_plan(int Tp, size_t limit) {
+  return bwd_plan<T, D>(Tp, limit, forced_warps("PKA_BWD_WARPS"), force_workspace());
 }
 
 inline int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }

@@ -29,11 +29,7 @@ namespace fused {
 namespace wmma = nvcuda::wmma;
 #endif
 
-// Warps per block: the forward's, and the backward's choices. The backward runs one block per SM
-// at the headline sizes (its four block buffers fill shared memory), so it may take 8 warps to
-// keep more loads in flight; the host picks (pka_fused.cu).
-constexpr int kWarps = 4;
-constexpr int kThreads = 32 * kWarps;
+// Blocks have 4 or 8 warps (template parameter W); the host picks per launch (fwd_plan, bwd_plan).
 // Keys per softmax step in the forward. 32 rather than 64 halves the warps' score and probability
 // space, which lets three forward blocks share an SM at the headline sizes (T = 200, d = 64).
 constexpr int kChunk = 32;
@@ -212,27 +208,42 @@ struct Smem {
       2 * 16 * ld * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 16 * ld_t * sizeof(T);
   __host__ __device__ static size_t buf_elems(int Tp) { return static_cast<size_t>(Tp) * ld; }
   __host__ __device__ static size_t buf(int Tp) { return buf_elems(Tp) * sizeof(T); }
-  static size_t fwd(int Tp, bool in_smem) {
-    return (in_smem ? kFwdBuffers * buf(Tp) : 0) + kWarps * fwd_warp;
+  static size_t fwd(int Tp, bool in_smem, int warps) {
+    return (in_smem ? kFwdBuffers * buf(Tp) : 0) + warps * fwd_warp;
   }
   static size_t bwd(int Tp, bool in_smem, int warps) {
     return (in_smem ? kBwdBuffers * buf(Tp) : 0) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
   }
 };
 
-// Warps per backward block and where its block buffers live. 8 warps keep more loads in flight in
-// the one block that fits on an SM at the usual sizes; shared memory beats the workspace, so 4 warps
-// in shared memory come before 8 in the workspace. `forced` (4 or 8; 0: free) fixes the count
-// where that count fits.
-struct BwdPlan {
+// Warps per block and where its block buffers live.
+struct Plan {
   int warps;
   bool in_smem;
 };
 
+// Forward: 4 warps, unless a 4-warp block would sit alone on its SM (its shared memory, plus the
+// `reserved` bytes the device keeps per block, leaves no room for a second of `per_sm`: long
+// sequences, d = 128), where 8 warps keep twice the loads in flight in the same shared memory.
+// Blocks in the workspace keep 4: their count per SM is then bounded by registers, and smaller
+// blocks pack better. `forced` (4 or 8; 0: free) fixes the count.
 template <typename T, int D>
-BwdPlan bwd_plan(int Tp, size_t limit, int forced, bool force_workspace) {
-  const BwdPlan plans[] = {{8, true}, {4, true}, {8, false}, {4, false}};
-  for (const BwdPlan& plan : plans) {
+Plan fwd_plan(int Tp, size_t limit, size_t per_sm, size_t reserved, int forced, bool force_workspace) {
+  using SM = Smem<T, D>;
+  const bool fits4 = !force_workspace && SM::fwd(Tp, true, 4) <= limit;
+  const bool fits8 = !force_workspace && SM::fwd(Tp, true, 8) <= limit;
+  if (forced == 4 || forced == 8) return {forced, forced == 4 ? fits4 : fits8};
+  if (fits4 && fits8 && 2 * (SM::fwd(Tp, true, 4) + reserved) > per_sm) return {8, true};
+  return {4, fits4};
+}
+
+// Backward: 8 warps keep more loads in flight in the one block that fits on an SM at the usual
+// sizes; shared memory beats the workspace, so 4 warps in shared memory come before 8 in the
+// workspace. `forced` (4 or 8; 0: free) fixes the count where that count fits.
+template <typename T, int D>
+Plan bwd_plan(int Tp, size_t limit, int forced, bool force_workspace) {
+  const Plan plans[] = {{8, true}, {4, true}, {8, false}, {4, false}};
+  for (const Plan& plan : plans) {
     if ((forced != 0 && plan.warps != forced) || (plan.in_smem && force_workspace)) continue;
     if (Smem<T, D>::bwd(Tp, plan.in_smem, plan.warps) <= limit) return plan;
   }
@@ -640,8 +651,8 @@ __device__ void over_scores(const QueryFrags<T, D>& fq, const T* K, int last, fl
   }
 }
 
-template <typename T, int D>
-__global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
+template <typename T, int D, int W>
+__global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
   __trap();
 #else
@@ -654,8 +665,8 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
   T* out = p.out + base;
   float* lse = p.lse_out + static_cast<size_t>(q.bh) * p.T;
-  for (int idx = threadIdx.x; idx < q.s * D; idx += kThreads) out[idx] = from_f<T>(0.f);
-  for (int i = threadIdx.x; i < q.s; i += kThreads) lse[i] = 0.f;
+  for (int idx = threadIdx.x; idx < q.s * D; idx += 32 * W) out[idx] = from_f<T>(0.f);
+  for (int i = threadIdx.x; i < q.s; i += 32 * W) lse[i] = 0.f;
   if (q.L == 0) return;  // uniform over the block
 
   const size_t buf = SM::buf_elems(p.Tp);
@@ -666,7 +677,7 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   T* stage = reinterpret_cast<T*>(mine);
   float* tile = reinterpret_cast<float*>(mine + 16 * SM::ld_t * sizeof(T));
 
-  mix_keys_values_in_place<T, D, kWarps>(p, q, base, K, V, stage, tile);
+  mix_keys_values_in_place<T, D, W>(p, q, base, K, V, stage, tile);
 
   T* Qs = reinterpret_cast<T*>(mine);                  // [16, ld]
   float* Sf = reinterpret_cast<float*>(mine + SM::fwd_sf);  // [16, ld_s] raw scores
@@ -676,8 +687,8 @@ __global__ void __launch_bounds__(kThreads) pka_fwd_kernel(const Params<T> p) {
   const int r = lane >> 1, half = lane & 1;
   const float c2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
 
-  for (int k = 0; k * kWarps < q.nt; ++k) {
-    const int qt = dealt<kWarps>(k, warp, q.nt, true);
+  for (int k = 0; k * W < q.nt; ++k) {
+    const int qt = dealt<W>(k, warp, q.nt, true);
     if (qt < 0) continue;
     const int i = qt * 16 + r;
     const bool row_ok = i < q.L;

@@ -228,10 +228,12 @@ def test_workspace_placement_matches_shared_memory(T, d, dtype, workspace):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("T", [23, 200])
-@pytest.mark.parametrize("variable,values", [("PKA_BWD_WARPS", ("4", "8")), ("PKA_BLOCK_ORDER", ("0", "1"))])
+@pytest.mark.parametrize("variable,values", [("PKA_FWD_WARPS", ("4", "8")), ("PKA_BWD_WARPS", ("4", "8")),
+                                             ("PKA_BLOCK_ORDER", ("0", "1"))])
 def test_launch_choices_agree(variable, values, T, dtype, monkeypatch):
-    """The backward at 4 or 8 warps per block, the blocks in batch order or longest sequence first:
-    every tile of every sequence is computed by one warp in the same order either way."""
+    """The forward or the backward at 4 or 8 warps per block, the blocks in batch order or longest
+    sequence first: every tile of every sequence is computed by one warp in the same order either
+    way."""
     B, H, d = 5, 2, 64
     x64, lengths, dout64 = inputs64(B, H, T, d, per_head=False, seed=5 * T)
     x, dout = [t.to(dtype) for t in x64], dout64.to(dtype)
@@ -241,6 +243,15 @@ def test_launch_choices_agree(variable, values, T, dtype, monkeypatch):
         poison([(B * H * T * d, dtype)] * 8)
         results.append(fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=3))
     assert_same_results(*results, dtype)
+
+
+@pytest.mark.parametrize("variable", ["PKA_FWD_WARPS", "PKA_BWD_WARPS"])
+def test_bad_warp_setting_is_refused(variable, monkeypatch):
+    x64, lengths, dout64 = inputs64(2, 1, 16, 32, per_head=False, seed=2)
+    x, dout = [t.float() for t in x64], dout64.float()
+    monkeypatch.setenv(variable, "6")
+    with pytest.raises(RuntimeError, match=f"{variable} must be 4 or 8, got '6'"):
+        fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.0, seed=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

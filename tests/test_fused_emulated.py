@@ -59,7 +59,7 @@ def rel(x, ref):
 
 
 CASES = [
-    # B, H, T, d, per_head, lengths, dropout_p, workspace, warps of the backward block
+    # B, H, T, d, per_head, lengths, dropout_p, workspace, warps per block (forward and backward)
     (3, 2, 1, 16, False, [1, 0, 1], 0.0, False, 4),
     (3, 2, 5, 16, True, [5, 0, 3], 0.3, False, 8),
     (3, 1, 17, 16, False, [17, 16, 1], 0.0, True, 8),
@@ -79,7 +79,7 @@ def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dr
     seed = 1234 if dropout_p > 0 else 0
     scale = d**-0.5
     x32 = [t.float().contiguous() for t in x64]
-    out, lse, in_smem = emu.fwd(*x32, lens, scale, dropout_p, seed, workspace)
+    out, lse, in_smem = emu.fwd(*x32, lens, scale, dropout_p, seed, workspace, warps)
     assert in_smem == (not workspace)
 
     leaves = [t.clone().requires_grad_(True) for t in x64]
@@ -114,7 +114,7 @@ def test_out_of_range_device_lengths_assert_in_the_kernel(emu, bad):
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
         "from test_fused_emulated import build_emu\n"
         "q, a = torch.randn(2, 1, 4, 16), torch.eye(4)\n"
-        f"build_emu().fwd(q, q, q, a, a, torch.tensor([{bad}, 1]), 0.25, 0.0, 0, False)\n"
+        f"build_emu().fwd(q, q, q, a, a, torch.tensor([{bad}, 1]), 0.25, 0.0, 0, False, 4)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
@@ -143,6 +143,20 @@ def test_forward_blocks_per_sm(emu, d, T, blocks):
     block at the headline shape."""
     fwd_smem, _ = emu.smem_bytes(d, T, True, 2)
     assert (228 * 1024) // (fwd_smem + 1024) == blocks
+
+
+@pytest.mark.parametrize("d,T,elem,forced,workspace,plan", [
+    (64, 200, 2, 0, False, (4, True)),   # headline: three 4-warp blocks per SM
+    (64, 512, 2, 0, False, (8, True)),   # one 4-warp block would have the SM to itself: 8 warps
+    (128, 200, 2, 0, False, (8, True)),
+    (64, 1024, 2, 0, False, (4, False)),  # workspace: blocks per SM bounded by registers
+    (64, 512, 2, 4, False, (4, True)),   # PKA_FWD_WARPS=4
+    (64, 200, 2, 8, False, (8, True)),   # PKA_FWD_WARPS=8
+    (64, 200, 2, 0, True, (4, False)),   # PKA_FUSED_WORKSPACE=1
+    (64, 200, 4, 0, False, (8, True)),   # float32 needs twice the space
+])
+def test_forward_launch_plan(emu, d, T, elem, forced, workspace, plan):
+    assert emu.fwd_plan(d, T, elem, 227 * 1024, 228 * 1024, 1024, forced, workspace) == plan
 
 
 @pytest.mark.parametrize("d,T,forced,workspace,plan", [
@@ -196,7 +210,7 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspa
         lambda q, k, v, a_k, a_v, lengths, **_: composition(q, k, v, a_k, a_v, lengths))
     out_b, grads_b = fwd_bwd(base, x16, dout16)
 
-    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, workspace)
+    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, workspace, warps)
     grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, workspace,
                     warps)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32

@@ -85,7 +85,8 @@ Tensor block_order(const std::optional<Tensor>& lengths) {
 template <typename E>
 std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
                                           std::optional<Tensor> lengths, double scale,
-                                          double dropout_p, int64_t seed, bool workspace) {
+                                          double dropout_p, int64_t seed, bool workspace,
+                                          int64_t warps) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
   const Tensor order = block_order(lengths);
@@ -99,14 +100,18 @@ std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor a
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
-    in_smem = !workspace && SM::fwd(p.Tp, true) <= kDeviceSmem;
+    const int W = static_cast<int>(warps);
+    in_smem = !workspace && SM::fwd(p.Tp, true, W) <= kDeviceSmem;
     if (!in_smem) {
       work = at::full({B * H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
                       q.options());
       p.work = ptr<E>(work);
     }
-    pka_emu::launch(pka_fwd_kernel<E, Dv>, static_cast<unsigned>(B * H), kThreads,
-                    SM::fwd(p.Tp, in_smem), p);
+    const size_t smem = SM::fwd(p.Tp, in_smem, W);
+    if (W == 8)
+      pka_emu::launch(pka_fwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
+    else
+      pka_emu::launch(pka_fwd_kernel<E, Dv, 4>, static_cast<unsigned>(B * H), 128, smem, p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {out, lse, in_smem};
@@ -155,11 +160,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
 
 std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
                                      std::optional<Tensor> lengths, double scale,
-                                     double dropout_p, int64_t seed, bool workspace) {
+                                     double dropout_p, int64_t seed, bool workspace, int64_t warps) {
+  TORCH_CHECK(warps == 4 || warps == 8, "the forward runs with 4 or 8 warps, got ", warps);
   if (q.scalar_type() == at::kBFloat16)
-    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace);
+    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace, warps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
-  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace);
+  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace, warps);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v,
@@ -183,10 +189,10 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     if (elem_bytes == 4) {
-      f = Smem<float, Dv>::fwd(Tp, in_smem);
+      f = Smem<float, Dv>::fwd(Tp, in_smem, 4);
       b = Smem<float, Dv>::bwd(Tp, in_smem, 4);
     } else {
-      f = Smem<bf16e, Dv>::fwd(Tp, in_smem);
+      f = Smem<bf16e, Dv>::fwd(Tp, in_smem, 4);
       b = Smem<bf16e, Dv>::bwd(Tp, in_smem, 4);
     }
   });
@@ -194,10 +200,27 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
   return {f, b};
 }
 
+// The forward launch plan the host would choose on an SM of per_sm bytes of shared memory, with
+// `reserved` bytes kept per block: (warps, in shared memory).
+std::tuple<int64_t, bool> fwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
+                                      int64_t per_sm, int64_t reserved, int64_t forced,
+                                      bool force_workspace) {
+  Plan plan{0, false};
+  const int Tp = static_cast<int>((T + 15) / 16 * 16);
+  const bool built = with_head_dim(D, [&](auto Dc) {
+    constexpr int Dv = decltype(Dc)::value;
+    plan = elem_bytes == 4
+               ? fwd_plan<float, Dv>(Tp, limit, per_sm, reserved, forced, force_workspace)
+               : fwd_plan<bf16e, Dv>(Tp, limit, per_sm, reserved, forced, force_workspace);
+  });
+  TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
+  return {plan.warps, plan.in_smem};
+}
+
 // The backward launch plan the host would choose: (warps, in shared memory).
 std::tuple<int64_t, bool> bwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
                                       int64_t forced, bool force_workspace) {
-  BwdPlan plan{0, false};
+  Plan plan{0, false};
   const int Tp = static_cast<int>((T + 15) / 16 * 16);
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
@@ -214,5 +237,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd);
   m.def("bwd", &bwd);
   m.def("smem_bytes", &smem_bytes);
+  m.def("fwd_plan", &fwd_plan_of);
   m.def("bwd_plan", &bwd_plan_of);
 }

@@ -2,7 +2,8 @@
 
 On the GPU machine (2026-11-28) every bad call whose message held a number crashed the process: the
 extension carried its own copy of libstdc++, whose exported symbols mixed with the process's shared
-one. Linked the same way here (-static-libstdc++) without setup.py's --exclude-libs flag, the same
+one. Linked the same way here (-static-libstdc++, plus the -Bsymbolic-functions that Ubuntu's Python,
+the GPU machine's, puts in every extension's link) without setup.py's --exclude-libs flag, the same
 messages come out cut short after the first number ("lengths["); with it, whole.
 """
 
@@ -34,7 +35,7 @@ def test_error_messages_whole_with_static_libstdcxx(tmp_path):
         copy = shutil.copytree if os.path.isdir(src) else shutil.copy
         copy(src, tmp_path / name, **({"ignore": shutil.ignore_patterns("*.so", "__pycache__")}
                                       if os.path.isdir(src) else {}))
-    env = dict(os.environ, PKA_FORCE_CPU="1", LDFLAGS="-static-libstdc++")
+    env = dict(os.environ, PKA_FORCE_CPU="1", LDFLAGS="-static-libstdc++ -Wl,-Bsymbolic-functions")
     env.pop("PKA_REQUIRE_CUDA", None)  # set by ./run when nvcc is present; this build is CPU-only
     build = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tmp_path,
                            env=env, capture_output=True, text=True, timeout=900)

@@ -311,6 +311,15 @@ __device__ __forceinline__ void load2(const float* p, float& a, float& b) {
 #endif
 }
 
+// p[0], p[1] = a, b in one store (p 2-element aligned).
+template <typename T>
+__device__ __forceinline__ void store2(T* p, float a, float b) {
+  struct alignas(2 * sizeof(T)) Pair {
+    T x, y;
+  };
+  *reinterpret_cast<Pair*>(p) = Pair{from_f<T>(a), from_f<T>(b)};
+}
+
 // 16 bytes of a row: the unit of the staging copies. The entry points hand the kernels q, k, v,
 // dout and out 16-byte aligned, and every row (D * sizeof(T) bytes) is a multiple of 16, so each
 // chunk is one 128-bit load; several are issued before the first is stored, because a staging loop
@@ -548,9 +557,19 @@ __device__ void write_tile(const typename Mma<T>::Acc& acc, float mul, const Seq
   __syncwarp();
   const int rr = t * 16 + r;
   if (rr < q.L) {
+    // The lane's 8 elements are contiguous and 16-byte aligned (g is a fresh allocation, rows and
+    // c0 + 8 half are multiples of 8 elements): one or two 16-byte stores, not eight scalar ones.
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
     T* dst = g + static_cast<size_t>(q.s + rr) * D + c0 + half * 8;
 #pragma unroll
-    for (int e = 0; e < 8; ++e) dst[e] = from_f<T>(tile[r * 16 + half * 8 + e] * mul);
+    for (int u = 0; u < 8 / V; ++u) {
+      alignas(16) T v[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) v[e] = from_f<T>(tile[r * 16 + half * 8 + u * V + e] * mul);
+      Chunk c;
+      std::memcpy(&c, v, 16);
+      st16(dst + u * V, c);
+    }
   }
   __syncwarp();
 }
@@ -725,8 +744,7 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
         e0 = dropout_keep(key, q.s + j, p.threshold) ? e0 * p.keep_scale : 0.f;
         e1 = dropout_keep(key, q.s + j + 1, p.threshold) ? e1 * p.keep_scale : 0.f;
       }
-      P[r * LP + c] = from_f<T>(e0);
-      P[r * LP + c + 1] = from_f<T>(e1);
+      store2(P + r * LP + c, e0, e1);
     }, [&](int k0, int ntiles) {
       for (int kt = 0; kt < ntiles; ++kt) {
         typename M::template FragA<false> fp;  // one probability block for every output column block

@@ -150,6 +150,10 @@ struct Mma<float> {
   }
 };
 
+// The D / 16 column blocks of a 16-row tile as A operands, held while the tile meets many others.
+template <typename T, int D>
+using TileFrags = typename Mma<T>::template FragA<false>[D / 16];
+
 template <typename E>
 struct Params {
   const E *q, *k, *v;     // [B, H, T, D], contiguous
@@ -482,16 +486,20 @@ __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, in
   using M = Mma<T>;
   constexpr int LD = Smem<T, D>::ld;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  int n = 0;
-  for (int ti = 0; ti < nt; ++ti) {
-    for (int tj = 0; tj <= ti; ++tj, ++n) {
-      if (n % W != warp) continue;
+  // A warp takes whole rows of tile pairs (row ti holds ti + 1 of them; rows dealt by cost) and
+  // keeps G's tile ti in registers across its row.
+  for (int k = 0; k * W < nt; ++k) {
+    const int ti = dealt<W>(k, warp, nt, true);
+    if (ti < 0) continue;
+    TileFrags<T, D> fg;
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) M::load_a(fg[c], G + static_cast<size_t>(ti) * 16 * LD + c * 16, LD);
+    for (int tj = 0; tj <= ti; ++tj) {
       typename M::Acc acc;
       M::zero(acc);
 #pragma unroll
       for (int c = 0; c < D / 16; ++c)
-        M::template mma<false, true>(acc, G + static_cast<size_t>(ti) * 16 * LD + c * 16, LD,
-                                     X + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
+        M::template mma_a<true>(acc, fg[c], X + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
       M::store(tile, 16, acc);
       __syncwarp();
       for (int e = lane; e < 256; e += 32) {
@@ -626,14 +634,10 @@ __device__ void mix_keys_values(const Params<T>& p, const Seq& q, size_t base, T
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
-// The D / 16 column blocks of a query tile, held in registers while it meets every key tile.
-template <typename T, int D>
-using QueryFrags = typename Mma<T>::template FragA<false>[D / 16];
-
 // Scores of the query tile (fragments fq) against key tiles k0 / 16 ... + ntiles - 1 into Sf
 // (pitch ld_s). One warp.
 template <typename T, int D>
-__device__ void score_chunk(const QueryFrags<T, D>& fq, const T* K, int k0, int ntiles, float* Sf) {
+__device__ void score_chunk(const TileFrags<T, D>& fq, const T* K, int k0, int ntiles, float* Sf) {
   using M = Mma<T>;
   constexpr int LD = Smem<T, D>::ld, LS = Smem<T, D>::ld_s;
   for (int kt = 0; kt < ntiles; ++kt) {
@@ -652,7 +656,7 @@ __device__ void score_chunk(const QueryFrags<T, D>& fq, const T* K, int k0, int 
 // j and j + 1; lane (r, half) owns row r and the pairs 4 it + 2 half), then after(k0, ntiles)
 // once per chunk. One warp.
 template <typename T, int D, typename F, typename G>
-__device__ void over_scores(const QueryFrags<T, D>& fq, const T* K, int last, float* Sf, F&& f,
+__device__ void over_scores(const TileFrags<T, D>& fq, const T* K, int last, float* Sf, F&& f,
                             G&& after) {
   constexpr int LS = Smem<T, D>::ld_s;
   const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
@@ -714,7 +718,7 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     __syncwarp();
     // Loaded once for the tile's two passes over its keys, not once per key tile.
-    QueryFrags<T, D> fq;
+    TileFrags<T, D> fq;
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) M::load_a(fq[c], Qs + c * 16, SM::ld);
     __syncwarp();  // the scores may overwrite Qs

@@ -460,16 +460,21 @@ __device__ void mix_rows(const T* __restrict__ A, int Tn, int s, int L, int nt, 
   }
 }
 
-// buf (Lp rows, pitch LD; zeros from L on) becomes M buf, M = tril(A)[s:s+L, s:s+L], without a
-// second buffer: output tile ti reads input tiles 0 ... ti, so the tiles are computed from the last
-// down in rounds of W, one per warp, and a round stores its tiles only after all of its warps have
-// read their inputs; no later round reads a tile an earlier one stored. Whole block.
+// K and V (Lp rows, pitch LD; zeros from L on) become Mk K and Mv V, M = tril(A)[s:s+L, s:s+L],
+// without a second buffer: output tile ti reads input tiles 0 ... ti, so the tiles are computed
+// from the last down in rounds, and a round stores its tiles only after all of its warps have read
+// their inputs; no later round reads a tile an earlier one stored. Half the warps take K, half V,
+// one tile each per round. Whole block.
 template <typename T, int D, int W>
-__device__ void mix_in_place(const T* __restrict__ A, int Tn, int s, int L, int nt, T* buf, T* stage,
-                             float* tile) {
+__device__ void mix_in_place(const T* __restrict__ Ak, const T* __restrict__ Av, int Tn, int s, int L,
+                             int nt, T* K, T* V, T* stage, float* tile) {
+  constexpr int Half = W / 2;
   const int warp = threadIdx.x >> 5;
-  for (int top = nt - 1; top >= 0; top -= W) {
-    const int ti = top - warp;
+  const bool on_v = warp >= Half;
+  const T* A = on_v ? Av : Ak;
+  T* buf = on_v ? V : K;
+  for (int top = nt - 1; top >= 0; top -= Half) {
+    const int ti = top - warp % Half;
     typename Mma<T>::Acc acc[D / 16];
     if (ti >= 0) mix_tile<T, D, false>(A, Tn, s, L, nt, ti, buf, acc, stage);
     __syncthreads();
@@ -609,8 +614,8 @@ __device__ void mix_keys_values_in_place(const Params<T>& p, const Seq& q, size_
   stage_rows<T, D, W>(p.k + base, q.s, q.L, q.Lp, K);
   stage_rows<T, D, W>(p.v + base, q.s, q.L, q.Lp, V);
   __syncthreads();
-  mix_in_place<T, D, W>(head_kernel(p.ak, p.Hk, q.h, p.T), p.T, q.s, q.L, q.nt, K, stage, tile);
-  mix_in_place<T, D, W>(head_kernel(p.av, p.Hv, q.h, p.T), p.T, q.s, q.L, q.nt, V, stage, tile);
+  mix_in_place<T, D, W>(head_kernel(p.ak, p.Hk, q.h, p.T), head_kernel(p.av, p.Hv, q.h, p.T), p.T,
+                        q.s, q.L, q.nt, K, V, stage, tile);
 }
 
 // The same through staging space X: the backward has that buffer anyway (it holds dK_mixed later),

@@ -58,10 +58,13 @@ step() {
  # libstdc++ inside the extension).
  $PY -c "import sysconfig as s; [print(k, '=', s.get_config_var(k)) for k in ('CC', 'CXX', 'LDSHARED', 'LDFLAGS', 'CFLAGS')]"
  env | grep -E '^(CC|CXX|CFLAGS|CXXFLAGS|LDFLAGS|CPPFLAGS)=') > "$WORK/machine.txt" 2>&1
+# Eight workers with two CPU threads each: the float64 comparisons against the CPU op are CPU-bound
+# (they took 344 of the 557 test-seconds on 2026-11-28, when 4 workers needed 156 s of the step's
+# 180).
 XDIST=()
-$PY -c "import xdist" 2>/dev/null && XDIST=(-n 4)
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step build 240 $PY -m pip install -v --no-build-isolation --no-deps -e .  # -v: the compile and link lines
-step tests 180 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
+step tests 240 env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
   --junitxml="$WORK/junit.xml"
 # If a bad call of the op crashes the process (seen once: test_errors, 2026-11-28), the native
 # stack of the crash, from cuda-gdb; nothing when the call raises as it should.

@@ -69,6 +69,7 @@ CASES = [
     (2, 1, 70, 16, True, [70, 49], 0.1, True, 4),
     (1, 1, 24, 64, False, [21], 0.2, False, 8),
     (1, 1, 20, 128, True, [20], 0.0, False, 8),
+    (2, 1, 200, 32, False, [200, 141], 0.1, False, 4),  # 13 tiles: 7 rounds of in-place mixing
 ]
 
 

@@ -11,7 +11,8 @@ cache flushed before every run, the median of --repeats runs of
   - variants of ``fused``, to compare tuning choices in one run: the forward with its blocks fixed
     at 4 and at 8 warps (PKA_FWD_WARPS), forward + backward with the backward block fixed at 4 and
     at 8 warps (PKA_BWD_WARPS), forward and forward + backward with the blocks in batch order
-    instead of longest sequence first (PKA_BLOCK_ORDER=0).
+    instead of longest sequence first (PKA_BLOCK_ORDER=0), and with every block buffer in the
+    global workspace (PKA_FUSED_WORKSPACE=1) instead of as many as fit in shared memory.
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
@@ -104,7 +105,8 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
              "fwd8": ({"PKA_FWD_WARPS": "8"}, pka, fwd_only),
              "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, fwdbwd_only),
              "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, fwdbwd_only),
-             "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, both)}
+             "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, both),
+             "workspace": ({"PKA_FUSED_WORKSPACE": "1"}, pka, both)}
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
     for name, (env, fn, modes) in impls.items():
         if "fwd" in modes:
@@ -170,13 +172,16 @@ def report(rows, bw, info, args) -> str:
             f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
     md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 4 warps per "
            "forward block unless one block would have its SM to itself, 8 per backward block where "
-           "they fit, blocks longest sequence first):", "",
+           "they fit, blocks longest sequence first, as many block buffers in shared memory as fit):",
+           "",
            "| T | d | fwd, 4 warps | fwd, 8 warps | fwd+bwd, backward 4 warps "
-           "| fwd+bwd, backward 8 warps | fwd, batch order | fwd+bwd, batch order |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| fwd+bwd, backward 8 warps | fwd, batch order | fwd+bwd, batch order "
+           "| fwd, all in workspace | fwd+bwd, all in workspace |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['d']} | {r['fwd_ms_fwd4']:.3f} | {r['fwd_ms_fwd8']:.3f} | "
            f"{r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
-           f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} |" for r in rows]
+           f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} | "
+           f"{r['fwd_ms_workspace']:.3f} | {r['fwdbwd_ms_workspace']:.3f} |" for r in rows]
     if len(rows) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]
     md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "

@@ -4,9 +4,10 @@
     compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py --small
 
 Covers float32 / bfloat16 / float16, head dims 16 and 64 (128 without --small), shared and
-per-head kernels, dropout, empty and full sequences, and the global-workspace placement of the block
-buffers (forced with PKA_FUSED_WORKSPACE=1 on short sequences; without --small also long sequences
-whose buffers do not fit in shared memory).
+per-head kernels, dropout, empty and full sequences, and the placements of the block buffers that
+long sequences get (all or the least used of them in the global workspace: forced with
+PKA_FUSED_WORKSPACE=1 / split on short sequences; without --small also long sequences whose
+buffers do not all fit in shared memory).
 """
 
 from __future__ import annotations
@@ -42,13 +43,16 @@ def main():
     for dtype in dtypes:
         for d in dims:
             case(3, 2, 37, d, dtype, per_head=d == 16, lengths=[37, 0, 20], dropout_p=0.2)
-    # The block buffers in the global workspace: forced on a short sequence, and (without --small)
-    # chosen by the launch plan for a long one.
-    os.environ["PKA_FUSED_WORKSPACE"] = "1"
-    case(2, 2, 40, 64, torch.bfloat16, False, [40, 17], 0.1)
-    case(2, 1, 37, 16, torch.float32, True, [30, 37], 0.0)
+    # Block buffers in the global workspace: forced on short sequences, and (without --small)
+    # chosen by the launch plan for long ones (T=400: the backward's gradient buffers; T=900: the
+    # forward's V and all but K in the backward; float32 d=128: none in shared memory).
+    for placement in ("1", "split"):
+        os.environ["PKA_FUSED_WORKSPACE"] = placement
+        case(2, 2, 40, 64, torch.bfloat16, False, [40, 17], 0.1)
+        case(2, 1, 37, 16, torch.float32, True, [30, 37], 0.0)
     del os.environ["PKA_FUSED_WORKSPACE"]
     if not args.small:
+        case(1, 1, 400, 64, torch.bfloat16, False, [390], 0.1)
         case(1, 1, 900, 64, torch.bfloat16, False, [850], 0.1)
         case(1, 1, 900, 128, torch.float32, True, [900], 0.0)
     print("sanitize cases ran")

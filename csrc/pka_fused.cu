@@ -57,7 +57,7 @@ bool fused_supported(const Tensor& q, const Dims& d) {
     using T = typename Native<scalar_t>::type;
     built = with_head_dim(d.D, [&](auto D) {
       using SM = Smem<T, decltype(D)::value>;
-      fits = SM::fwd(padded_T(d), false, 8) <= limit && SM::bwd(padded_T(d), false, 4) <= limit;
+      fits = SM::fwd(padded_T(d), 0, 8) <= limit && SM::bwd(padded_T(d), 0, 4) <= limit;
     });
   });
   return built && fits;
@@ -85,12 +85,14 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
       const Plan plan = forward_plan<T, D>(p.Tp, device_limits(q));
-      if (!plan.in_smem) {
-        work = at::empty({d.B * d.H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
-                         q.options());
+      p.smem_bufs = plan.smem_bufs;
+      if (plan.smem_bufs < kFwdBuffers) {
+        const int64_t per_block =
+            (kFwdBuffers - plan.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp));
+        work = at::empty({d.B * d.H * per_block}, q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
-      const size_t smem = SM::fwd(p.Tp, plan.in_smem, plan.warps);
+      const size_t smem = SM::fwd(p.Tp, plan.smem_bufs, plan.warps);
       if (grid == 0) return;
       auto launch = [&](auto kernel) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

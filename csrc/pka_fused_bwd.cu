@@ -43,12 +43,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dak = dak.data_ptr<float>();
       p.dav = dav.data_ptr<float>();
       const Plan plan = backward_plan<T, D>(p.Tp, limit);
-      if (!plan.in_smem) {
-        work = at::empty({d.B * d.H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))},
-                         q.options());
+      p.smem_bufs = plan.smem_bufs;
+      if (plan.smem_bufs < kBwdBuffers) {
+        const int64_t per_block =
+            (kBwdBuffers - plan.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp));
+        work = at::empty({d.B * d.H * per_block}, q.options());
         p.work = reinterpret_cast<T*>(work.data_ptr());
       }
-      const size_t smem = SM::bwd(p.Tp, plan.in_smem, plan.warps);
+      const size_t smem = SM::bwd(p.Tp, plan.smem_bufs, plan.warps);
       if (grid == 0) return;
       auto launch = [&](auto kernel) {
         C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <mutex>
 #include <optional>
@@ -71,11 +72,15 @@ inline const DeviceLimits& device_limits(const Tensor& q) {
 
 inline size_t smem_limit(const Tensor& q) { return device_limits(q).smem_optin; }
 
-// PKA_FUSED_WORKSPACE=1 puts the block buffers in the global workspace even when they would fit in
-// shared memory, so tests and compute-sanitizer cover the long-sequence placement on short inputs.
-inline bool force_workspace() {
+// PKA_FUSED_WORKSPACE=1 puts every block buffer in the global workspace, =split only those that
+// long sequences put there (Placement), even when they would fit in shared memory.
+inline Placement placement() {
   const char* env = std::getenv("PKA_FUSED_WORKSPACE");
-  return env != nullptr && env[0] != '\0' && env[0] != '0';
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return Placement::kFree;
+  if (std::strcmp(env, "split") == 0) return Placement::kSplit;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_FUSED_WORKSPACE must be 0, 1 or split, got '", env,
+              "'");
+  return Placement::kWorkspace;
 }
 
 // The kernels copy rows of q, k, v, dout and out in 16-byte chunks: a tensor whose data does not
@@ -99,12 +104,12 @@ inline int forced_warps(const char* variable) {
 template <typename T, int D>
 Plan forward_plan(int Tp, const DeviceLimits& dev) {
   return fwd_plan<T, D>(Tp, dev.smem_optin, dev.smem_per_sm, dev.smem_reserved,
-                        forced_warps("PKA_FWD_WARPS"), force_workspace());
+                        forced_warps("PKA_FWD_WARPS"), placement());
 }
 
 template <typename T, int D>
 Plan backward_plan(int Tp, size_t limit) {
-  return bwd_plan<T, D>(Tp, limit, forced_warps("PKA_BWD_WARPS"), force_workspace());
+  return bwd_plan<T, D>(Tp, limit, forced_warps("PKA_BWD_WARPS"), placement());
 }
 
 inline int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }

@@ -160,7 +160,10 @@ struct Params {
   const E *ak, *av;       // [Hk, T, T], [Hv, T, T]; only the lower triangle is read
   const int64_t* lengths;  // device [B] or nullptr (no padding)
   const int64_t* order;    // device [B]: batch rows, longest sequence first, or nullptr (in order)
-  E* work;                 // nullptr: block buffers in shared memory; else [B*H, nbuf, Tp, D]
+  // Block buffers 0 ... smem_bufs - 1 in shared memory, the rest in the workspace
+  // [B*H, nbuf - smem_bufs, Tp, D] (nullptr when all are in shared memory).
+  E* work;
+  int smem_bufs;
   // forward
   E* out;
   float* lse_out;
@@ -212,46 +215,63 @@ struct Smem {
       2 * 16 * ld * sizeof(T) + 2 * 256 * sizeof(float) + 2 * 16 * ld_t * sizeof(T);
   __host__ __device__ static size_t buf_elems(int Tp) { return static_cast<size_t>(Tp) * ld; }
   __host__ __device__ static size_t buf(int Tp) { return buf_elems(Tp) * sizeof(T); }
-  static size_t fwd(int Tp, bool in_smem, int warps) {
-    return (in_smem ? kFwdBuffers * buf(Tp) : 0) + warps * fwd_warp;
-  }
-  static size_t bwd(int Tp, bool in_smem, int warps) {
-    return (in_smem ? kBwdBuffers * buf(Tp) : 0) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
+  // Bytes with the first smem_bufs block buffers in shared memory.
+  static size_t fwd(int Tp, int smem_bufs, int warps) { return smem_bufs * buf(Tp) + warps * fwd_warp; }
+  static size_t bwd(int Tp, int smem_bufs, int warps) {
+    return smem_bufs * buf(Tp) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
   }
 };
 
-// Warps per block and where its block buffers live.
+// Warps per block and how many of its block buffers (from the first) live in shared memory; the
+// others go to the global workspace. The buffers come in order of use: the forward's K (read twice
+// per tile pair) before V (once); the backward's K and V (read for every pair) before the staging
+// rows / dK_mixed and dV_mixed (written once, read twice). So when not all fit, the most used stay.
 struct Plan {
   int warps;
-  bool in_smem;
+  int smem_bufs;
 };
 
-// Forward: 4 warps, unless a 4-warp block would sit alone on its SM (its shared memory, plus the
-// `reserved` bytes the device keeps per block, leaves no room for a second of `per_sm`: long
-// sequences, d = 128), where 8 warps keep twice the loads in flight in the same shared memory.
-// Blocks in the workspace keep 4: their count per SM is then bounded by registers, and smaller
-// blocks pack better. `forced` (4 or 8; 0: free) fixes the count.
-template <typename T, int D>
-Plan fwd_plan(int Tp, size_t limit, size_t per_sm, size_t reserved, int forced, bool force_workspace) {
-  using SM = Smem<T, D>;
-  const bool fits4 = !force_workspace && SM::fwd(Tp, true, 4) <= limit;
-  const bool fits8 = !force_workspace && SM::fwd(Tp, true, 8) <= limit;
-  if (forced == 4 || forced == 8) return {forced, forced == 4 ? fits4 : fits8};
-  if (fits4 && fits8 && 2 * (SM::fwd(Tp, true, 4) + reserved) > per_sm) return {8, true};
-  return {4, fits4};
+// Which buffers may go to shared memory: all that fit, or only the forward's K and the backward's K
+// and V, or none (PKA_FUSED_WORKSPACE=split / 1, so that tests and compute-sanitizer cover the
+// placements of long sequences on short ones).
+enum class Placement { kFree, kSplit, kWorkspace };
+
+inline int max_smem_bufs(Placement placement, int nbuf) {
+  return placement == Placement::kWorkspace ? 0 : placement == Placement::kSplit ? nbuf / 2 : nbuf;
 }
 
-// Backward: 8 warps keep more loads in flight in the one block that fits on an SM at the usual
-// sizes; shared memory beats the workspace, so 4 warps in shared memory come before 8 in the
-// workspace. `forced` (4 or 8; 0: free) fixes the count where that count fits.
+// Forward: as many buffers in shared memory as fit with 4 warps; 8 warps instead where a 4-warp
+// block would sit alone on its SM (its shared memory, plus the `reserved` bytes the device keeps per
+// block, leaves no room for a second of `per_sm`: long sequences, d = 128), which keeps twice the
+// loads in flight in the same shared memory. With no buffer in shared memory the count per SM is
+// bounded by registers, and 4-warp blocks pack better. `forced` (4 or 8; 0: free) fixes the count.
 template <typename T, int D>
-Plan bwd_plan(int Tp, size_t limit, int forced, bool force_workspace) {
-  const Plan plans[] = {{8, true}, {4, true}, {8, false}, {4, false}};
-  for (const Plan& plan : plans) {
-    if ((forced != 0 && plan.warps != forced) || (plan.in_smem && force_workspace)) continue;
-    if (Smem<T, D>::bwd(Tp, plan.in_smem, plan.warps) <= limit) return plan;
+Plan fwd_plan(int Tp, size_t limit, size_t per_sm, size_t reserved, int forced, Placement placement) {
+  using SM = Smem<T, D>;
+  int n = max_smem_bufs(placement, kFwdBuffers);
+  while (n > 0 && SM::fwd(Tp, n, 4) > limit) --n;
+  if (forced == 4 || forced == 8) {
+    while (n > 0 && SM::fwd(Tp, n, forced) > limit) --n;
+    return {forced, n};
   }
-  return {4, false};  // fused_supported() checked that this fits; a forced 8 that does not, yields
+  const bool alone = 2 * (SM::fwd(Tp, n, 4) + reserved) > per_sm;
+  return {n > 0 && alone && SM::fwd(Tp, n, 8) <= limit ? 8 : 4, n};
+}
+
+// Backward: the most buffers in shared memory first (all four, then K and V, then K), and for each
+// 8 warps before 4: 8 keep more loads in flight in the one block that fits on an SM at the usual
+// sizes. `forced` (4 or 8; 0: free) fixes the count.
+template <typename T, int D>
+Plan bwd_plan(int Tp, size_t limit, int forced, Placement placement) {
+  const int most = max_smem_bufs(placement, kBwdBuffers);
+  for (int n : {4, 2, 1, 0}) {
+    if (n > most) continue;
+    for (int warps : {8, 4}) {
+      if (forced != 0 && warps != forced) continue;
+      if (Smem<T, D>::bwd(Tp, n, warps) <= limit) return {warps, n};
+    }
+  }
+  return {4, 0};  // fused_supported() checked that this fits; a forced 8 that does not, yields
 }
 
 // Calls f(std::integral_constant<int, D>) for the head dims the kernels are built for; false for
@@ -516,12 +536,13 @@ __device__ void kernel_grad(const T* G, const T* X, float* da, int Tn, int s, in
   }
 }
 
-// The block buffers (nbuf of buf elements each) for this block: shared or workspace.
+// Block buffer i (of nbuf, buf elements each) of this block: in shared memory or the workspace.
 template <typename T>
-__device__ T* block_buffers(const Params<T>& p, const Seq& q, unsigned char* smem, int nbuf,
-                            size_t buf) {
-  if (p.work == nullptr) return reinterpret_cast<T*>(smem);
-  return p.work + static_cast<size_t>(q.bh) * nbuf * buf;
+__device__ T* block_buffer(const Params<T>& p, const Seq& q, unsigned char* smem, int nbuf,
+                           size_t buf, int i) {
+  if (i < p.smem_bufs) return reinterpret_cast<T*>(smem) + i * buf;
+  const int in_work = nbuf - p.smem_bufs;
+  return p.work + (static_cast<size_t>(q.bh) * in_work + (i - p.smem_bufs)) * buf;
 }
 
 // Rows of 16-row tile t of a [T, D] sequence slice into dst (16 rows, pitch LD), zero beyond L.
@@ -698,10 +719,9 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
   if (q.L == 0) return;  // uniform over the block
 
   const size_t buf = SM::buf_elems(p.Tp);
-  T* K = block_buffers(p, q, smem, kFwdBuffers, buf);
-  T* V = K + buf;
-  unsigned char* mine =
-      (p.work == nullptr ? smem + kFwdBuffers * SM::buf(p.Tp) : smem) + warp * SM::fwd_warp;
+  T* K = block_buffer(p, q, smem, kFwdBuffers, buf, 0);
+  T* V = block_buffer(p, q, smem, kFwdBuffers, buf, 1);
+  unsigned char* mine = smem + p.smem_bufs * SM::buf(p.Tp) + warp * SM::fwd_warp;
   T* stage = reinterpret_cast<T*>(mine);
   float* tile = reinterpret_cast<float*>(mine + 16 * SM::ld_t * sizeof(T));
 
@@ -834,11 +854,11 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
   if (q.L == 0) return;
 
   const size_t buf = SM::buf_elems(p.Tp);
-  T* K = block_buffers(p, q, smem, kBwdBuffers, buf);
-  T* V = K + buf;
-  T* X = V + buf;   // staged raw rows, then dK_mixed
-  T* dV = X + buf;  // dV_mixed
-  unsigned char* warps = p.work == nullptr ? smem + kBwdBuffers * SM::buf(p.Tp) : smem;
+  T* K = block_buffer(p, q, smem, kBwdBuffers, buf, 0);
+  T* V = block_buffer(p, q, smem, kBwdBuffers, buf, 1);
+  T* X = block_buffer(p, q, smem, kBwdBuffers, buf, 2);   // staged raw rows, then dK_mixed
+  T* dV = block_buffer(p, q, smem, kBwdBuffers, buf, 3);  // dV_mixed
+  unsigned char* warps = smem + p.smem_bufs * SM::buf(p.Tp);
   unsigned char* mixs = warps + W * SM::bwd_warp + warp * SM::mix;
   T* stage = reinterpret_cast<T*>(mixs);
   float* tile = reinterpret_cast<float*>(mixs + 16 * LT * sizeof(T));

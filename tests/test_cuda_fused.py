@@ -50,12 +50,6 @@ def unfused(monkeypatch):
     return EnvSwitch(monkeypatch, "PKA_CUDA_UNFUSED")
 
 
-@pytest.fixture
-def workspace(monkeypatch):
-    """Context for running the fused kernels with their block buffers in global memory."""
-    return EnvSwitch(monkeypatch, "PKA_FUSED_WORKSPACE")
-
-
 def inputs64(B, H, T, d, per_head, seed):
     """Fresh random float64 inputs on the device; kernels with random upper triangles."""
     g = torch.Generator().manual_seed(seed)
@@ -212,17 +206,18 @@ def test_fused_matches_unfused_path(T, dtype, unfused):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [16, 64, 128])
 @pytest.mark.parametrize("T", [23, 130])
-def test_workspace_placement_matches_shared_memory(T, d, dtype, workspace):
-    """The global-workspace placement (taken by long sequences) on sequences short enough for
-    shared memory: the same arithmetic, so the same results up to the order of the kernel-gradient
-    atomics."""
+@pytest.mark.parametrize("placement", ["1", "split"])
+def test_workspace_placement_matches_shared_memory(placement, T, d, dtype, monkeypatch):
+    """The placements of long sequences (every block buffer in the global workspace, or only the
+    least used ones) on sequences short enough for shared memory: the same arithmetic, so the same
+    results up to the order of the kernel-gradient atomics."""
     B, H = 3, 2
     x64, lengths, dout64 = inputs64(B, H, T, d, per_head=d == 16, seed=7 * T + d)
     x, dout = [t.to(dtype) for t in x64], dout64.to(dtype)
     in_smem = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=5)
     poison([(B * H * T * d, dtype)] * 8)
-    with workspace:
-        in_workspace = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=5)
+    monkeypatch.setenv("PKA_FUSED_WORKSPACE", placement)
+    in_workspace = fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.1, seed=5)
     assert_same_results(in_smem, in_workspace, dtype)
 
 
@@ -245,12 +240,14 @@ def test_launch_choices_agree(variable, values, T, dtype, monkeypatch):
     assert_same_results(*results, dtype)
 
 
-@pytest.mark.parametrize("variable", ["PKA_FWD_WARPS", "PKA_BWD_WARPS"])
-def test_bad_warp_setting_is_refused(variable, monkeypatch):
+@pytest.mark.parametrize("variable,message", [("PKA_FWD_WARPS", "must be 4 or 8"),
+                                              ("PKA_BWD_WARPS", "must be 4 or 8"),
+                                              ("PKA_FUSED_WORKSPACE", "must be 0, 1 or split")])
+def test_bad_launch_setting_is_refused(variable, message, monkeypatch):
     x64, lengths, dout64 = inputs64(2, 1, 16, 32, per_head=False, seed=2)
     x, dout = [t.float() for t in x64], dout64.float()
     monkeypatch.setenv(variable, "6")
-    with pytest.raises(RuntimeError, match=f"{variable} must be 4 or 8, got '6'"):
+    with pytest.raises(RuntimeError, match=f"{variable} {message}, got '6'"):
         fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.0, seed=0)
 
 

@@ -59,29 +59,31 @@ def rel(x, ref):
 
 
 CASES = [
-    # B, H, T, d, per_head, lengths, dropout_p, workspace, warps per block (forward and backward)
-    (3, 2, 1, 16, False, [1, 0, 1], 0.0, False, 4),
-    (3, 2, 5, 16, True, [5, 0, 3], 0.3, False, 8),
-    (3, 1, 17, 16, False, [17, 16, 1], 0.0, True, 8),
-    (2, 2, 40, 32, True, [40, 23], 0.25, False, 4),
-    (2, 2, 40, 32, False, [33, 0], 0.0, True, 8),
-    (2, 1, 70, 16, False, [70, 65], 0.5, False, 8),
-    (2, 1, 70, 16, True, [70, 49], 0.1, True, 4),
-    (1, 1, 24, 64, False, [21], 0.2, False, 8),
-    (1, 1, 20, 128, True, [20], 0.0, False, 8),
-    (2, 1, 200, 32, False, [200, 141], 0.1, False, 4),  # 13 tiles: 7 rounds of in-place mixing
+    # B, H, T, d, per_head, lengths, dropout_p, placement of the block buffers, warps per block
+    (3, 2, 1, 16, False, [1, 0, 1], 0.0, "smem", 4),
+    (3, 2, 5, 16, True, [5, 0, 3], 0.3, "split", 8),
+    (3, 1, 17, 16, False, [17, 16, 1], 0.0, "workspace", 8),
+    (2, 2, 40, 32, True, [40, 23], 0.25, "smem", 4),
+    (2, 2, 40, 32, False, [33, 0], 0.0, "split", 8),
+    (2, 1, 70, 16, False, [70, 65], 0.5, "smem", 8),
+    (2, 1, 70, 16, True, [70, 49], 0.1, "workspace", 4),
+    (1, 1, 24, 64, False, [21], 0.2, "split", 4),
+    (1, 1, 20, 128, True, [20], 0.0, "smem", 8),
+    (2, 1, 200, 32, False, [200, 141], 0.1, "smem", 4),  # 13 tiles: 7 rounds of in-place mixing
 ]
+# Forward block buffers (K, V) in shared memory per placement.
+FWD_SMEM_BUFS = {"smem": 2, "split": 1, "workspace": 0}
 
 
-@pytest.mark.parametrize("B,H,T,d,per_head,lengths,dropout_p,workspace,warps", CASES)
-def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dropout_p, workspace,
+@pytest.mark.parametrize("B,H,T,d,per_head,lengths,dropout_p,placement,warps", CASES)
+def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dropout_p, placement,
                                           warps):
     x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T * 7 + d)
     seed = 1234 if dropout_p > 0 else 0
     scale = d**-0.5
     x32 = [t.float().contiguous() for t in x64]
-    out, lse, in_smem = emu.fwd(*x32, lens, scale, dropout_p, seed, workspace, warps)
-    assert in_smem == (not workspace)
+    out, lse, smem_bufs = emu.fwd(*x32, lens, scale, dropout_p, seed, placement, warps)
+    assert smem_bufs == FWD_SMEM_BUFS[placement]
 
     leaves = [t.clone().requires_grad_(True) for t in x64]
     out_r = python_ref.pka_attention(*leaves, lens, scale=scale, dropout_p=dropout_p,
@@ -96,7 +98,7 @@ def test_emulated_kernels_match_reference(emu, B, H, T, d, per_head, lengths, dr
     pad = torch.arange(T)[None, :] < (T - lens)[:, None]
     assert (out.transpose(1, 2)[pad] == 0).all() and (lse[pad[:, None, :].expand_as(lse)] == 0).all()
 
-    grads = emu.bwd(dout64.float(), *x32, lens, out, lse, scale, dropout_p, seed, workspace, warps)
+    grads = emu.bwd(dout64.float(), *x32, lens, out, lse, scale, dropout_p, seed, placement, warps)
     for name, g, gr in zip(NAMES, grads, grads_r):
         assert not torch.isnan(g).any(), f"d{name}: an element was never written"
         assert rel(g, gr) <= 1e-4, f"d{name}: {rel(g, gr):.2e}"
@@ -115,7 +117,7 @@ def test_out_of_range_device_lengths_assert_in_the_kernel(emu, bad):
         f"sys.path.insert(0, {os.path.join(REPO, 'tests')!r})\n"
         "from test_fused_emulated import build_emu\n"
         "q, a = torch.randn(2, 1, 4, 16), torch.eye(4)\n"
-        f"build_emu().fwd(q, q, q, a, a, torch.tensor([{bad}, 1]), 0.25, 0.0, 0, False, 4)\n"
+        f"build_emu().fwd(q, q, q, a, a, torch.tensor([{bad}, 1]), 0.25, 0.0, 0, \"smem\", 4)\n"
     )
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                           cwd=REPO)
@@ -125,7 +127,7 @@ def test_out_of_range_device_lengths_assert_in_the_kernel(emu, bad):
 
 @pytest.mark.parametrize("d,T,elem,fits_fwd,fits_bwd", [
     (64, 200, 2, True, True),     # the headline shape keeps everything in shared memory
-    (64, 512, 2, True, False),    # the backward of long sequences uses the workspace path
+    (64, 512, 2, True, False),    # the backward of long sequences moves buffers to the workspace
     (128, 1024, 4, False, False),
     (16, 50, 4, True, True),
 ])
@@ -146,45 +148,50 @@ def test_forward_blocks_per_sm(emu, d, T, blocks):
     assert (228 * 1024) // (fwd_smem + 1024) == blocks
 
 
-@pytest.mark.parametrize("d,T,elem,forced,workspace,plan", [
-    (64, 200, 2, 0, False, (4, True)),   # headline: three 4-warp blocks per SM
-    (64, 512, 2, 0, False, (8, True)),   # one 4-warp block would have the SM to itself: 8 warps
-    (128, 200, 2, 0, False, (8, True)),
-    (64, 1024, 2, 0, False, (4, False)),  # workspace: blocks per SM bounded by registers
-    (64, 512, 2, 4, False, (4, True)),   # PKA_FWD_WARPS=4
-    (64, 200, 2, 8, False, (8, True)),   # PKA_FWD_WARPS=8
-    (64, 200, 2, 0, True, (4, False)),   # PKA_FUSED_WORKSPACE=1
-    (64, 200, 4, 0, False, (8, True)),   # float32 needs twice the space
+@pytest.mark.parametrize("d,T,elem,forced,placement,plan", [
+    # plan: (warps, block buffers in shared memory)
+    (64, 200, 2, 0, "smem", (4, 2)),    # headline: three 4-warp blocks per SM
+    (64, 512, 2, 0, "smem", (8, 2)),    # one 4-warp block would have the SM to itself: 8 warps
+    (128, 200, 2, 0, "smem", (8, 2)),
+    (64, 1024, 2, 0, "smem", (8, 1)),   # V goes to the workspace, K stays
+    (64, 512, 2, 4, "smem", (4, 2)),    # PKA_FWD_WARPS=4
+    (64, 200, 2, 8, "smem", (8, 2)),    # PKA_FWD_WARPS=8
+    (64, 200, 2, 0, "split", (4, 1)),   # PKA_FUSED_WORKSPACE=split
+    (64, 200, 2, 0, "workspace", (4, 0)),  # PKA_FUSED_WORKSPACE=1: registers bound the blocks
+    (64, 200, 4, 0, "smem", (8, 2)),    # float32 needs twice the space
 ])
-def test_forward_launch_plan(emu, d, T, elem, forced, workspace, plan):
-    assert emu.fwd_plan(d, T, elem, 227 * 1024, 228 * 1024, 1024, forced, workspace) == plan
+def test_forward_launch_plan(emu, d, T, elem, forced, placement, plan):
+    assert emu.fwd_plan(d, T, elem, 227 * 1024, 228 * 1024, 1024, forced, placement) == plan
 
 
-@pytest.mark.parametrize("d,T,forced,workspace,plan", [
-    (64, 200, 0, False, (8, True)),    # headline: 8 warps still fit beside the four buffers
-    (64, 300, 0, False, (4, True)),    # 8 warps would not fit: 4 in shared memory beat the workspace
-    (64, 512, 0, False, (8, False)),   # the buffers alone exceed shared memory
-    (64, 200, 4, False, (4, True)),    # PKA_BWD_WARPS=4
-    (64, 512, 4, False, (4, False)),
-    (64, 200, 0, True, (8, False)),    # PKA_FUSED_WORKSPACE=1
-    (128, 12000, 8, False, (4, False)),  # with 8 warps the row arrays no longer fit: 4
+@pytest.mark.parametrize("d,T,forced,placement,plan", [
+    (64, 200, 0, "smem", (8, 4)),    # headline: 8 warps still fit beside the four buffers
+    (64, 300, 0, "smem", (4, 4)),    # 8 warps would not: 4 warps with every buffer in shared memory
+    (64, 400, 0, "smem", (8, 2)),    # K and V stay, the gradients' buffers go to the workspace
+    (64, 512, 0, "smem", (4, 2)),    # ... with 4 warps
+    (64, 1024, 0, "smem", (4, 1)),   # only K fits
+    (64, 200, 4, "smem", (4, 4)),    # PKA_BWD_WARPS=4
+    (64, 400, 4, "smem", (4, 2)),
+    (64, 200, 0, "split", (8, 2)),   # PKA_FUSED_WORKSPACE=split
+    (64, 200, 0, "workspace", (8, 0)),  # PKA_FUSED_WORKSPACE=1
+    (128, 12000, 8, "smem", (4, 0)),  # with 8 warps the row arrays no longer fit: 4
 ])
-def test_backward_launch_plan(emu, d, T, forced, workspace, plan):
-    assert emu.bwd_plan(d, T, 2, 227 * 1024, forced, workspace) == plan
+def test_backward_launch_plan(emu, d, T, forced, placement, plan):
+    assert emu.bwd_plan(d, T, 2, 227 * 1024, forced, placement) == plan
 
 
 def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,workspace,warps", [
-    (40, 32, False, [40, 17], 0.0, False, 8),
-    (70, 16, True, [70, 0], 0.2, False, 4),
-    (33, 64, False, [33, 30], 0.0, True, 8),
-    (20, 128, True, [20, 9], 0.1, False, 4),
-    (200, 64, False, [200, 137, 61], 0.0, False, 8),  # the benchmarks' headline T and d
+@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,placement,warps", [
+    (40, 32, False, [40, 17], 0.0, "smem", 8),
+    (70, 16, True, [70, 0], 0.2, "split", 4),
+    (33, 64, False, [33, 30], 0.0, "workspace", 8),
+    (20, 128, True, [20, 9], 0.1, "smem", 4),
+    (200, 64, False, [200, 137, 61], 0.0, "smem", 8),  # the benchmarks' headline T and d
 ])
-def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspace, warps):
+def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placement, warps):
     """The 16-bit path (shared-memory layout, roundings, WMMA tile products on the fragment model):
     error vs float64 at most 2x that of the same-dtype baseline (matmul + SDPA, or python_ref with
     dropout)."""
@@ -211,8 +218,8 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, workspa
         lambda q, k, v, a_k, a_v, lengths, **_: composition(q, k, v, a_k, a_v, lengths))
     out_b, grads_b = fwd_bwd(base, x16, dout16)
 
-    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, workspace, warps)
-    grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, workspace,
+    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, placement, warps)
+    grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, placement,
                     warps)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()

@@ -7,6 +7,7 @@
 
 #include <cstring>
 #include <optional>
+#include <string>
 #include <tuple>
 
 #include "emu.h"
@@ -83,10 +84,10 @@ Tensor block_order(const std::optional<Tensor>& lengths) {
 // Inputs: contiguous CPU tensors of one dtype (float32 or bfloat16), as the device entry points
 // make them.
 template <typename E>
-std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
-                                          std::optional<Tensor> lengths, double scale,
-                                          double dropout_p, int64_t seed, bool workspace,
-                                          int64_t warps) {
+std::tuple<Tensor, Tensor, int64_t> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
+                                             std::optional<Tensor> lengths, double scale,
+                                             double dropout_p, int64_t seed, Placement placement,
+                                             int64_t warps) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
   const Tensor order = block_order(lengths);
@@ -96,32 +97,32 @@ std::tuple<Tensor, Tensor, bool> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor a
   p.out = ptr<E>(out);
   p.lse_out = lse.data_ptr<float>();
   Tensor work;
-  bool in_smem = false;
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
     const int W = static_cast<int>(warps);
-    in_smem = !workspace && SM::fwd(p.Tp, true, W) <= kDeviceSmem;
-    if (!in_smem) {
-      work = at::full({B * H * kFwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
-                      q.options());
+    p.smem_bufs = max_smem_bufs(placement, kFwdBuffers);
+    while (p.smem_bufs > 0 && SM::fwd(p.Tp, p.smem_bufs, W) > kDeviceSmem) --p.smem_bufs;
+    if (p.smem_bufs < kFwdBuffers) {
+      work = at::full({B * H * (kFwdBuffers - p.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp))},
+                      NAN, q.options());
       p.work = ptr<E>(work);
     }
-    const size_t smem = SM::fwd(p.Tp, in_smem, W);
+    const size_t smem = SM::fwd(p.Tp, p.smem_bufs, W);
     if (W == 8)
       pka_emu::launch(pka_fwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
     else
       pka_emu::launch(pka_fwd_kernel<E, Dv, 4>, static_cast<unsigned>(B * H), 128, smem, p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
-  return {out, lse, in_smem};
+  return {out, lse, p.smem_bufs};
 }
 
 template <typename E>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     Tensor dout, Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
     std::optional<Tensor> lengths, Tensor out, Tensor lse, double scale, double dropout_p,
-    int64_t seed, bool workspace, int64_t warps) {
+    int64_t seed, Placement placement, int64_t warps) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
   const Tensor order = block_order(lengths);
@@ -141,13 +142,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
-    const bool in_smem = !workspace && SM::bwd(p.Tp, true, static_cast<int>(warps)) <= kDeviceSmem;
-    if (!in_smem) {
-      work = at::full({B * H * kBwdBuffers * static_cast<int64_t>(SM::buf_elems(p.Tp))}, NAN,
-                      q.options());
+    const int W = static_cast<int>(warps);
+    p.smem_bufs = max_smem_bufs(placement, kBwdBuffers);
+    while (p.smem_bufs > 0 && SM::bwd(p.Tp, p.smem_bufs, W) > kDeviceSmem) --p.smem_bufs;
+    if (p.smem_bufs < kBwdBuffers) {
+      work = at::full({B * H * (kBwdBuffers - p.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp))},
+                      NAN, q.options());
       p.work = ptr<E>(work);
     }
-    const size_t smem = SM::bwd(p.Tp, in_smem, static_cast<int>(warps));
+    const size_t smem = SM::bwd(p.Tp, p.smem_bufs, W);
     if (warps == 8)
       pka_emu::launch(pka_bwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
     else
@@ -158,42 +161,55 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
           dav.to(q.scalar_type()).view(av.sizes())};
 }
 
-std::tuple<Tensor, Tensor, bool> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
-                                     std::optional<Tensor> lengths, double scale,
-                                     double dropout_p, int64_t seed, bool workspace, int64_t warps) {
+// "smem" (every buffer that fits), "split" or "workspace", as PKA_FUSED_WORKSPACE=0 / split / 1.
+Placement placement_of(const std::string& name) {
+  if (name == "smem") return Placement::kFree;
+  if (name == "split") return Placement::kSplit;
+  TORCH_CHECK(name == "workspace", "placement must be smem, split or workspace, got ", name);
+  return Placement::kWorkspace;
+}
+
+// Returns out, lse and the number of block buffers that were in shared memory.
+std::tuple<Tensor, Tensor, int64_t> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
+                                        std::optional<Tensor> lengths, double scale,
+                                        double dropout_p, int64_t seed, std::string placement,
+                                        int64_t warps) {
   TORCH_CHECK(warps == 4 || warps == 8, "the forward runs with 4 or 8 warps, got ", warps);
+  const Placement pl = placement_of(placement);
   if (q.scalar_type() == at::kBFloat16)
-    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace, warps);
+    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
-  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, workspace, warps);
+  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v,
                                                        Tensor ak, Tensor av,
                                                        std::optional<Tensor> lengths, Tensor out,
                                                        Tensor lse, double scale, double dropout_p,
-                                                       int64_t seed, bool workspace, int64_t warps) {
+                                                       int64_t seed, std::string placement,
+                                                       int64_t warps) {
   TORCH_CHECK(warps == 4 || warps == 8, "the backward runs with 4 or 8 warps, got ", warps);
+  const Placement pl = placement_of(placement);
   if (q.scalar_type() == at::kBFloat16)
-    return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
-                           workspace, warps);
+    return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
+                           warps);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
-  return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed,
-                         workspace, warps);
+  return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
+                         warps);
 }
 
-// Shared-memory bytes the host would request, for checking the launch plan.
+// Shared-memory bytes of 4-warp blocks with every block buffer in shared memory (in_smem) or none.
 std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int64_t elem_bytes) {
   int64_t f = 0, b = 0;
   const int Tp = static_cast<int>((T + 15) / 16 * 16);
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     if (elem_bytes == 4) {
-      f = Smem<float, Dv>::fwd(Tp, in_smem, 4);
-      b = Smem<float, Dv>::bwd(Tp, in_smem, 4);
+      f = Smem<float, Dv>::fwd(Tp, in_smem ? kFwdBuffers : 0, 4);
+      b = Smem<float, Dv>::bwd(Tp, in_smem ? kBwdBuffers : 0, 4);
     } else {
-      f = Smem<bf16e, Dv>::fwd(Tp, in_smem, 4);
-      b = Smem<bf16e, Dv>::bwd(Tp, in_smem, 4);
+      f = Smem<bf16e, Dv>::fwd(Tp, in_smem ? kFwdBuffers : 0, 4);
+      b = Smem<bf16e, Dv>::bwd(Tp, in_smem ? kBwdBuffers : 0, 4);
     }
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
@@ -201,34 +217,36 @@ std::tuple<int64_t, int64_t> smem_bytes(int64_t D, int64_t T, bool in_smem, int6
 }
 
 // The forward launch plan the host would choose on an SM of per_sm bytes of shared memory, with
-// `reserved` bytes kept per block: (warps, in shared memory).
-std::tuple<int64_t, bool> fwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
-                                      int64_t per_sm, int64_t reserved, int64_t forced,
-                                      bool force_workspace) {
-  Plan plan{0, false};
+// `reserved` bytes kept per block: (warps, block buffers in shared memory).
+std::tuple<int64_t, int64_t> fwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
+                                         int64_t per_sm, int64_t reserved, int64_t forced,
+                                         std::string placement) {
+  Plan plan{0, 0};
+  const Placement pl = placement_of(placement);
   const int Tp = static_cast<int>((T + 15) / 16 * 16);
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
     plan = elem_bytes == 4
-               ? fwd_plan<float, Dv>(Tp, limit, per_sm, reserved, forced, force_workspace)
-               : fwd_plan<bf16e, Dv>(Tp, limit, per_sm, reserved, forced, force_workspace);
+               ? fwd_plan<float, Dv>(Tp, limit, per_sm, reserved, forced, pl)
+               : fwd_plan<bf16e, Dv>(Tp, limit, per_sm, reserved, forced, pl);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
-  return {plan.warps, plan.in_smem};
+  return {plan.warps, plan.smem_bufs};
 }
 
-// The backward launch plan the host would choose: (warps, in shared memory).
-std::tuple<int64_t, bool> bwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
-                                      int64_t forced, bool force_workspace) {
-  Plan plan{0, false};
+// The backward launch plan the host would choose: (warps, block buffers in shared memory).
+std::tuple<int64_t, int64_t> bwd_plan_of(int64_t D, int64_t T, int64_t elem_bytes, int64_t limit,
+                                         int64_t forced, std::string placement) {
+  Plan plan{0, 0};
+  const Placement pl = placement_of(placement);
   const int Tp = static_cast<int>((T + 15) / 16 * 16);
   const bool built = with_head_dim(D, [&](auto Dc) {
     constexpr int Dv = decltype(Dc)::value;
-    plan = elem_bytes == 4 ? bwd_plan<float, Dv>(Tp, limit, forced, force_workspace)
-                           : bwd_plan<bf16e, Dv>(Tp, limit, forced, force_workspace);
+    plan = elem_bytes == 4 ? bwd_plan<float, Dv>(Tp, limit, forced, pl)
+                           : bwd_plan<bf16e, Dv>(Tp, limit, forced, pl);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
-  return {plan.warps, plan.in_smem};
+  return {plan.warps, plan.smem_bufs};
 }
 
 }  // namespace

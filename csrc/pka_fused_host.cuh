@@ -59,13 +59,16 @@ inline const DeviceLimits& device_limits(const Tensor& q) {
   auto it = cache.find(dev);
   if (it == cache.end()) {
     int major = 0, smem = 0, per_sm = 0, reserved = 0;
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor, dev));
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&reserved, cudaDevAttrReservedSharedMemoryPerBlock, dev));
-    it = cache.emplace(dev, DeviceLimits{major, static_cast<size_t>(smem), static_cast<size_t>(per_sm),
-                                         static_cast<size_t>(reserved)})
-             .first;
+    auto get = [dev](int* value, cudaDeviceAttr attr) {
+      C10_CUDA_CHECK(cudaDeviceGetAttribute(value, attr, dev));
+    };
+    get(&major, cudaDevAttrComputeCapabilityMajor);
+    get(&smem, cudaDevAttrMaxSharedMemoryPerBlockOptin);
+    get(&per_sm, cudaDevAttrMaxSharedMemoryPerMultiprocessor);
+    get(&reserved, cudaDevAttrReservedSharedMemoryPerBlock);
+    const DeviceLimits limits{major, static_cast<size_t>(smem), static_cast<size_t>(per_sm),
+                              static_cast<size_t>(reserved)};
+    it = cache.emplace(dev, limits).first;
   }
   return it->second;
 }

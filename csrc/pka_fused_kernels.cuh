@@ -30,6 +30,7 @@ namespace wmma = nvcuda::wmma;
 #endif
 
 // Blocks have 4 or 8 warps (template parameter W); the host picks per launch (fwd_plan, bwd_plan).
+
 // Keys per softmax step in the forward. 32 rather than 64 halves the warps' score and probability
 // space, which lets three forward blocks share an SM at the headline sizes (T = 200, d = 64).
 constexpr int kChunk = 32;
@@ -96,7 +97,8 @@ struct Mma {
   __device__ static void load_a(F& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
   template <bool BT, typename F>
   __device__ static void mma_a(Acc& c, const F& fa, const T* b, int ldb) {
-    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, std::conditional_t<BT, wmma::col_major, wmma::row_major>> fb;
+    using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
     wmma::load_matrix_sync(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
@@ -216,7 +218,9 @@ struct Smem {
   __host__ __device__ static size_t buf_elems(int Tp) { return static_cast<size_t>(Tp) * ld; }
   __host__ __device__ static size_t buf(int Tp) { return buf_elems(Tp) * sizeof(T); }
   // Bytes with the first smem_bufs block buffers in shared memory.
-  static size_t fwd(int Tp, int smem_bufs, int warps) { return smem_bufs * buf(Tp) + warps * fwd_warp; }
+  static size_t fwd(int Tp, int smem_bufs, int warps) {
+    return smem_bufs * buf(Tp) + warps * fwd_warp;
+  }
   static size_t bwd(int Tp, int smem_bufs, int warps) {
     return smem_bufs * buf(Tp) + warps * (bwd_warp + mix) + 3 * sizeof(float) * Tp;
   }
@@ -241,12 +245,13 @@ inline int max_smem_bufs(Placement placement, int nbuf) {
 }
 
 // Forward: as many buffers in shared memory as fit with 4 warps; 8 warps instead where a 4-warp
-// block would sit alone on its SM (its shared memory, plus the `reserved` bytes the device keeps per
-// block, leaves no room for a second of `per_sm`: long sequences, d = 128), which keeps twice the
-// loads in flight in the same shared memory. With no buffer in shared memory the count per SM is
+// block would sit alone on its SM (its shared memory, plus the `reserved` bytes the device keeps
+// per block, leaves no room for a second of `per_sm`: long sequences, d = 128), which keeps twice
+// the loads in flight in the same shared memory. With no buffer in shared memory the count per SM is
 // bounded by registers, and 4-warp blocks pack better. `forced` (4 or 8; 0: free) fixes the count.
 template <typename T, int D>
-Plan fwd_plan(int Tp, size_t limit, size_t per_sm, size_t reserved, int forced, Placement placement) {
+Plan fwd_plan(int Tp, size_t limit, size_t per_sm, size_t reserved, int forced,
+              Placement placement) {
   using SM = Smem<T, D>;
   int n = max_smem_bufs(placement, kFwdBuffers);
   while (n > 0 && SM::fwd(Tp, n, 4) > limit) --n;

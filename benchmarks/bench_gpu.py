@@ -11,8 +11,9 @@ cache flushed before every run, the median of --repeats runs of
   - variants of ``fused``, to compare tuning choices in one run: the forward with its blocks fixed
     at 4 and at 8 warps (PKA_FWD_WARPS), forward + backward with the backward block fixed at 4 and
     at 8 warps (PKA_BWD_WARPS), forward and forward + backward with the blocks in batch order
-    instead of longest sequence first (PKA_BLOCK_ORDER=0), and with every block buffer in the
-    global workspace (PKA_FUSED_WORKSPACE=1) instead of as many as fit in shared memory.
+    instead of longest sequence first (PKA_BLOCK_ORDER=0), and with the less used half of the block
+    buffers (PKA_FUSED_WORKSPACE=split) or all of them (=1) in the global workspace instead of as
+    many as fit in shared memory.
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
@@ -106,6 +107,7 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
              "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, fwdbwd_only),
              "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, fwdbwd_only),
              "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, both),
+             "split": ({"PKA_FUSED_WORKSPACE": "split"}, pka, both),
              "workspace": ({"PKA_FUSED_WORKSPACE": "1"}, pka, both)}
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
     for name, (env, fn, modes) in impls.items():
@@ -176,11 +178,12 @@ def report(rows, bw, info, args) -> str:
            "",
            "| T | d | fwd, 4 warps | fwd, 8 warps | fwd+bwd, backward 4 warps "
            "| fwd+bwd, backward 8 warps | fwd, batch order | fwd+bwd, batch order "
-           "| fwd, all in workspace | fwd+bwd, all in workspace |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "| fwd, split | fwd+bwd, split | fwd, all in workspace | fwd+bwd, all in workspace |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['d']} | {r['fwd_ms_fwd4']:.3f} | {r['fwd_ms_fwd8']:.3f} | "
            f"{r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
            f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} | "
+           f"{r['fwd_ms_split']:.3f} | {r['fwdbwd_ms_split']:.3f} | "
            f"{r['fwd_ms_workspace']:.3f} | {r['fwdbwd_ms_workspace']:.3f} |" for r in rows]
     if len(rows) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes finished."]

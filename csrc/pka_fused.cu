@@ -75,7 +75,6 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
   Tensor lse = at::empty({d.B, d.H, d.T}, q.options().dtype(at::kFloat));
   Tensor work;
   const unsigned grid = in.grid;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_fwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
     const bool built = with_head_dim(d.D, [&](auto Dc) {
@@ -85,26 +84,10 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
       const Plan plan = forward_plan<T, D>(p.Tp, device_limits(q));
-      p.smem_bufs = plan.smem_bufs;
-      if (plan.smem_bufs < kFwdBuffers) {
-        const int64_t per_block =
-            (kFwdBuffers - plan.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp));
-        work = at::empty({d.B * d.H * per_block}, q.options());
-        p.work = reinterpret_cast<T*>(work.data_ptr());
-      }
-      const size_t smem = SM::fwd(p.Tp, plan.smem_bufs, plan.warps);
+      work = workspace(p, plan, kFwdBuffers, SM::buf_elems(p.Tp), d, q);
       if (grid == 0) return;
-      auto launch = [&](auto kernel) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-        kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
-      };
-      if (plan.warps == 8) {
-        launch(pka_fwd_kernel<T, D, 8>);
-      } else {
-        launch(pka_fwd_kernel<T, D, 4>);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(plan, pka_fwd_kernel<T, D, 8>, pka_fwd_kernel<T, D, 4>, grid,
+             SM::fwd(p.Tp, plan.smem_bufs, plan.warps), p);
     });
     TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);
   });

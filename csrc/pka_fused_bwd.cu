@@ -25,9 +25,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
   auto f32 = q.options().dtype(at::kFloat);
   Tensor dak = at::zeros({d.Hk, d.T, d.T}, f32), dav = at::zeros({d.Hv, d.T, d.T}, f32);
   Tensor work;
-  const size_t limit = in.limit;
   const unsigned grid = in.grid;
-  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   PKA_DISPATCH_FUSED(q.scalar_type(), "pka_bwd_fused", [&] {
     using T = typename Native<scalar_t>::type;
     const bool built = with_head_dim(d.D, [&](auto Dc) {
@@ -42,27 +40,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dv = reinterpret_cast<T*>(dv.data_ptr());
       p.dak = dak.data_ptr<float>();
       p.dav = dav.data_ptr<float>();
-      const Plan plan = backward_plan<T, D>(p.Tp, limit);
-      p.smem_bufs = plan.smem_bufs;
-      if (plan.smem_bufs < kBwdBuffers) {
-        const int64_t per_block =
-            (kBwdBuffers - plan.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp));
-        work = at::empty({d.B * d.H * per_block}, q.options());
-        p.work = reinterpret_cast<T*>(work.data_ptr());
-      }
-      const size_t smem = SM::bwd(p.Tp, plan.smem_bufs, plan.warps);
+      const Plan plan = backward_plan<T, D>(p.Tp, device_limits(q));
+      work = workspace(p, plan, kBwdBuffers, SM::buf_elems(p.Tp), d, q);
       if (grid == 0) return;
-      auto launch = [&](auto kernel) {
-        C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem)));
-        kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
-      };
-      if (plan.warps == 8) {
-        launch(pka_bwd_kernel<T, D, 8>);
-      } else {
-        launch(pka_bwd_kernel<T, D, 4>);
-      }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch(plan, pka_bwd_kernel<T, D, 8>, pka_bwd_kernel<T, D, 4>, grid,
+             SM::bwd(p.Tp, plan.smem_bufs, plan.warps), p);
     });
     TORCH_CHECK(built, "pka fused CUDA kernels: no kernel for head dim ", d.D);
   });

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
 #include <cstdlib>
@@ -111,8 +112,8 @@ Plan forward_plan(int Tp, const DeviceLimits& dev) {
 }
 
 template <typename T, int D>
-Plan backward_plan(int Tp, size_t limit) {
-  return bwd_plan<T, D>(Tp, limit, forced_warps("PKA_BWD_WARPS"), placement());
+Plan backward_plan(int Tp, const DeviceLimits& dev) {
+  return bwd_plan<T, D>(Tp, dev.smem_optin, forced_warps("PKA_BWD_WARPS"), placement());
 }
 
 inline int padded_T(const Dims& d) { return static_cast<int>((d.T + 15) / 16 * 16); }
@@ -141,10 +142,9 @@ inline unsigned grid_of(const Dims& d) {
 
 
 // What both launchers hand the kernels: q, k, v contiguous and 16-byte aligned, the kernel matrices
-// contiguous, lengths on the device and the block order, and the launch limits.
+// contiguous, lengths on the device and the block order, and the grid.
 struct Inputs {
   Tensor q, k, v, ak, av, len, order;
-  size_t limit;   // dynamic shared memory per block
   unsigned grid;  // B * H blocks
 };
 
@@ -158,7 +158,6 @@ inline Inputs prepare(const Tensor& q, const Tensor& k, const Tensor& v, const T
   in.av = a_v.contiguous();
   in.len = device_lengths(lengths, in.q);
   in.order = block_order(in.len);
-  in.limit = smem_limit(in.q);
   in.grid = grid_of(d);
   return in;
 }
@@ -185,6 +184,38 @@ Params<T> base_params(const Inputs& in, const Dims& d, double scale, double drop
   p.seed = seed_value(seed);
   p.threshold = dropout_threshold(dropout_p);
   return p;
+}
+
+// The global workspace for the block buffers the plan leaves out of shared memory (p.work points
+// into it; kept alive by the returned tensor until the launch is queued), or an undefined tensor
+// when all of them fit.
+template <typename T>
+Tensor workspace(Params<T>& p, const Plan& plan, int nbuf, size_t buf_elems, const Dims& d,
+                 const Tensor& like) {
+  p.smem_bufs = plan.smem_bufs;
+  if (plan.smem_bufs == nbuf) return Tensor();
+  const int64_t per_block = (nbuf - plan.smem_bufs) * static_cast<int64_t>(buf_elems);
+  Tensor work = at::empty({d.B * d.H * per_block}, like.options());
+  p.work = reinterpret_cast<T*>(work.data_ptr());
+  return work;
+}
+
+// Launches the kernel's 8-warp (k8) or 4-warp (k4) instance, as the plan says, on the current
+// stream with `smem` bytes of dynamic shared memory.
+template <typename T, typename K8, typename K4>
+void launch(const Plan& plan, K8 k8, K4 k4, unsigned grid, size_t smem, const Params<T>& p) {
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  auto go = [&](auto kernel) {
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+    kernel<<<grid, 32 * plan.warps, smem, stream>>>(p);
+  };
+  if (plan.warps == 8) {
+    go(k8);
+  } else {
+    go(k4);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace fused

@@ -50,6 +50,7 @@ T* ptr(const Tensor& t) {
 }
 
 constexpr size_t kDeviceSmem = 227 * 1024;  // H100 opt-in limit per block
+constexpr size_t kSmemPerSm = 228 * 1024;   // H100 shared memory per SM
 
 template <typename T>
 Params<T> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& ak,
@@ -73,6 +74,26 @@ Params<T> make_params(const Tensor& q, const Tensor& k, const Tensor& v, const T
   p.seed = static_cast<uint64_t>(seed);
   p.threshold = pka::dropout_threshold(dropout_p);
   return p;
+}
+
+// One block per (batch, head) of W = 8 (k8) or 4 (k4) warps.
+template <typename K8, typename K4, typename P>
+void launch_warps(int W, K8 k8, K4 k4, int64_t blocks, size_t smem, const P& p) {
+  if (W == 8)
+    pka_emu::launch(k8, static_cast<unsigned>(blocks), 256, smem, p);
+  else
+    pka_emu::launch(k4, static_cast<unsigned>(blocks), 128, smem, p);
+}
+
+// The NaN-poisoned workspace for the block buffers that are not in shared memory (p.smem_bufs of
+// nbuf are), pointed to by p.work; undefined when all are.
+template <typename E>
+Tensor workspace(Params<E>& p, int64_t blocks, int nbuf, size_t buf_elems, const Tensor& like) {
+  if (p.smem_bufs == nbuf) return Tensor();
+  Tensor work = at::full({blocks * (nbuf - p.smem_bufs) * static_cast<int64_t>(buf_elems)}, NAN,
+                         like.options());
+  p.work = ptr<E>(work);
+  return work;
 }
 
 // The block order the host uses: batch rows by descending length (pka_fused.cu, block_order).
@@ -101,18 +122,10 @@ std::tuple<Tensor, Tensor, int64_t> fwd_impl(Tensor q, Tensor k, Tensor v, Tenso
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
     const int W = static_cast<int>(warps);
-    p.smem_bufs = max_smem_bufs(placement, kFwdBuffers);
-    while (p.smem_bufs > 0 && SM::fwd(p.Tp, p.smem_bufs, W) > kDeviceSmem) --p.smem_bufs;
-    if (p.smem_bufs < kFwdBuffers) {
-      work = at::full({B * H * (kFwdBuffers - p.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp))},
-                      NAN, q.options());
-      p.work = ptr<E>(work);
-    }
-    const size_t smem = SM::fwd(p.Tp, p.smem_bufs, W);
-    if (W == 8)
-      pka_emu::launch(pka_fwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
-    else
-      pka_emu::launch(pka_fwd_kernel<E, Dv, 4>, static_cast<unsigned>(B * H), 128, smem, p);
+    p.smem_bufs = fwd_plan<E, Dv>(p.Tp, kDeviceSmem, kSmemPerSm, 1024, W, placement).smem_bufs;
+    work = workspace(p, B * H, kFwdBuffers, SM::buf_elems(p.Tp), q);
+    launch_warps(W, pka_fwd_kernel<E, Dv, 8>, pka_fwd_kernel<E, Dv, 4>, B * H,
+                 SM::fwd(p.Tp, p.smem_bufs, W), p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {out, lse, p.smem_bufs};
@@ -143,18 +156,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     constexpr int Dv = decltype(Dc)::value;
     using SM = Smem<E, Dv>;
     const int W = static_cast<int>(warps);
-    p.smem_bufs = max_smem_bufs(placement, kBwdBuffers);
-    while (p.smem_bufs > 0 && SM::bwd(p.Tp, p.smem_bufs, W) > kDeviceSmem) --p.smem_bufs;
-    if (p.smem_bufs < kBwdBuffers) {
-      work = at::full({B * H * (kBwdBuffers - p.smem_bufs) * static_cast<int64_t>(SM::buf_elems(p.Tp))},
-                      NAN, q.options());
-      p.work = ptr<E>(work);
-    }
-    const size_t smem = SM::bwd(p.Tp, p.smem_bufs, W);
-    if (warps == 8)
-      pka_emu::launch(pka_bwd_kernel<E, Dv, 8>, static_cast<unsigned>(B * H), 256, smem, p);
-    else
-      pka_emu::launch(pka_bwd_kernel<E, Dv, 4>, static_cast<unsigned>(B * H), 128, smem, p);
+    const Plan plan = bwd_plan<E, Dv>(p.Tp, kDeviceSmem, W, placement);
+    TORCH_CHECK(plan.warps == W, "a backward block of ", W, " warps does not fit");
+    p.smem_bufs = plan.smem_bufs;
+    work = workspace(p, B * H, kBwdBuffers, SM::buf_elems(p.Tp), q);
+    launch_warps(W, pka_bwd_kernel<E, Dv, 8>, pka_bwd_kernel<E, Dv, 4>, B * H,
+                 SM::bwd(p.Tp, p.smem_bufs, W), p);
   });
   TORCH_CHECK(built, "head dim ", D, " has no fused kernel");
   return {dq, dk, dv, dak.to(q.scalar_type()).view(ak.sizes()),

@@ -9,12 +9,13 @@ import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ("build", "tests", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train", "bench_train_amp", "ncu")
+STEPS = ("build", "tests", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train",
+         "bench_train_amp", "ncu", "sass")
 
 
 def run_check(tmp_path, python, budget):
     out = tmp_path / "out"
-    env = dict(os.environ, PYTHON=python, COMPUTE_SANITIZER="true", NCU="true",
+    env = dict(os.environ, PYTHON=python, COMPUTE_SANITIZER="true", NCU="true", CUOBJDUMP="true",
                PKA_GPU_CHECK_BUDGET=str(budget))
     subprocess.run(["bash", SCRIPT, str(out)], env=env, check=True, capture_output=True, timeout=120)
     summary = (out / "summary.txt").read_text().splitlines()

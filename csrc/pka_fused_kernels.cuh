@@ -69,7 +69,65 @@ __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
 template <typename T>
 struct Mma;
 
+#if defined(__CUDA_ARCH__)
+// Fragment loads from shared memory in PTX's shared-space form of wmma.load, which ptxas turns into
+// ldmatrix. The C++ API (load_matrix_sync) emits the generic form even for a pointer known to be
+// shared, and that becomes four generic loads plus register shuffles per fragment (cuobjdump of the
+// 2026-11-28 forward: 128 LD.E and 64 MOVM, no LDSM). The fragment's registers are its storage x in
+// order, as the API's own loads fill it: 4 x .b32 for bfloat16, 8 x .f16x2 for float16.
+#define PKA_WMMA_LOAD4(SHAPE)                                                                    \
+  asm volatile("wmma.load." SHAPE " {%0, %1, %2, %3}, [%4], %5;"                                \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])                                 \
+               : "r"(addr), "r"(ld)                                                             \
+               : "memory")
+#define PKA_WMMA_LOAD8(SHAPE)                                                                    \
+  asm volatile("wmma.load." SHAPE " {%0, %1, %2, %3, %4, %5, %6, %7}, [%8], %9;"                \
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]), "=r"(r[4]), "=r"(r[5]),        \
+                 "=r"(r[6]), "=r"(r[7])                                                         \
+               : "r"(addr), "r"(ld)                                                             \
+               : "memory")
+
+template <typename Use, typename L>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
+                                            const __nv_bfloat16* p, int ld) {
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  constexpr bool b = std::is_same_v<Use, wmma::matrix_b>, col = std::is_same_v<L, wmma::col_major>;
+  if constexpr (!b && !col) PKA_WMMA_LOAD4("a.sync.aligned.row.m16n16k16.shared.bf16");
+  if constexpr (!b && col) PKA_WMMA_LOAD4("a.sync.aligned.col.m16n16k16.shared.bf16");
+  if constexpr (b && !col) PKA_WMMA_LOAD4("b.sync.aligned.row.m16n16k16.shared.bf16");
+  if constexpr (b && col) PKA_WMMA_LOAD4("b.sync.aligned.col.m16n16k16.shared.bf16");
+}
+
+template <typename Use, typename L>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, __half, L>& f,
+                                            const __half* p, int ld) {
+  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
+  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
+  constexpr bool b = std::is_same_v<Use, wmma::matrix_b>, col = std::is_same_v<L, wmma::col_major>;
+  if constexpr (!b && !col) PKA_WMMA_LOAD8("a.sync.aligned.row.m16n16k16.shared.f16");
+  if constexpr (!b && col) PKA_WMMA_LOAD8("a.sync.aligned.col.m16n16k16.shared.f16");
+  if constexpr (b && !col) PKA_WMMA_LOAD8("b.sync.aligned.row.m16n16k16.shared.f16");
+  if constexpr (b && col) PKA_WMMA_LOAD8("b.sync.aligned.col.m16n16k16.shared.f16");
+}
+#undef PKA_WMMA_LOAD4
+#undef PKA_WMMA_LOAD8
+#endif
+
 #if defined(__CUDACC__) || defined(PKA_EMU_WMMA)
+// An operand fragment from p: the shared-space load where p is in shared memory (the block buffers
+// may also be in the global workspace, so it is checked; the test is uniform across the warp).
+template <typename F, typename T>
+__device__ __forceinline__ void load_frag(F& f, const T* p, int ld) {
+#if defined(__CUDA_ARCH__)
+  if (__isShared(p)) {
+    load_shared(f, p, ld);
+    return;
+  }
+#endif
+  wmma::load_matrix_sync(f, p, ld);
+}
+
 template <typename T>
 struct Mma {
   using Acc = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
@@ -83,8 +141,8 @@ struct Mma {
     using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
     wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> fa;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
-    wmma::load_matrix_sync(fa, a, lda);
-    wmma::load_matrix_sync(fb, b, ldb);
+    load_frag(fa, a, lda);
+    load_frag(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
   // An A operand held in registers across several products (load_a, then mma_a), row-major or
@@ -94,12 +152,12 @@ struct Mma {
   using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, T,
                                std::conditional_t<AT, wmma::col_major, wmma::row_major>>;
   template <typename F>
-  __device__ static void load_a(F& f, const T* a, int lda) { wmma::load_matrix_sync(f, a, lda); }
+  __device__ static void load_a(F& f, const T* a, int lda) { load_frag(f, a, lda); }
   template <bool BT, typename F>
   __device__ static void mma_a(Acc& c, const F& fa, const T* b, int ldb) {
     using LB = std::conditional_t<BT, wmma::col_major, wmma::row_major>;
     wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> fb;
-    wmma::load_matrix_sync(fb, b, ldb);
+    load_frag(fb, b, ldb);
     wmma::mma_sync(c, fa, fb, c);
   }
 };
@@ -375,6 +433,15 @@ __device__ __forceinline__ Chunk zero_chunk() {
   Chunk c;
   c.x = c.y = c.z = c.w = 0u;  // all-zero bits are 0.0 in every float type
   return c;
+}
+
+// The first `rows` rows of a [T, D] output slice (16-byte aligned: a fresh allocation) set to 0 in
+// 16-byte chunks, by the block's `threads` threads.
+template <typename T, int D>
+__device__ void zero_rows(T* g, int rows, int threads) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+  for (int i = threadIdx.x; i < rows * (D / V); i += threads)
+    st16(g + static_cast<size_t>(i) * V, zero_chunk());
 }
 
 // rows x D elements from global rows g[g0 + r, :] (row r valid when r < valid, else zeros) into
@@ -719,7 +786,7 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
   T* out = p.out + base;
   float* lse = p.lse_out + static_cast<size_t>(q.bh) * p.T;
-  for (int idx = threadIdx.x; idx < q.s * D; idx += 32 * W) out[idx] = from_f<T>(0.f);
+  zero_rows<T, D>(out, q.s, 32 * W);
   for (int i = threadIdx.x; i < q.s; i += 32 * W) lse[i] = 0.f;
   if (q.L == 0) return;  // uniform over the block
 
@@ -851,11 +918,9 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
   const Seq q = seq_of(p);
   const int warp = threadIdx.x >> 5;
   const size_t base = static_cast<size_t>(q.bh) * p.T * D;
-  for (int idx = threadIdx.x; idx < q.s * D; idx += 32 * W) {
-    p.dq[base + idx] = from_f<T>(0.f);
-    p.dk[base + idx] = from_f<T>(0.f);
-    p.dv[base + idx] = from_f<T>(0.f);
-  }
+  zero_rows<T, D>(p.dq + base, q.s, 32 * W);
+  zero_rows<T, D>(p.dk + base, q.s, 32 * W);
+  zero_rows<T, D>(p.dv + base, q.s, 32 * W);
   if (q.L == 0) return;
 
   const size_t buf = SM::buf_elems(p.Tp);

@@ -92,25 +92,8 @@ step bench_train_amp 60 $PY benchmarks/bench_train_step.py --device cuda --amp -
 step ncu 60 "${NCU:-ncu}" --clock-control none --kernel-name regex:pka_ --launch-skip 4 --launch-count 2 \
   --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
   --section MemoryWorkloadAnalysis --section ComputeWorkloadAnalysis $PY benchmarks/profile_case.py
-# The headline kernels' instruction mix, read from the built library (no GPU work): 16-byte loads
-# (LDG.E.128), ldmatrix (LDSM), tensor-core products (HMMA), local-memory traffic (LDL / STL).
-sass_mix() {
-  set -o pipefail
-  local so
-  so=$(ls pka_ext/_C*.so) || return 1
-  for f in _ZN3pka5fused14pka_fwd_kernelI13__nv_bfloat16Li64ELi4EEEvNS0_6ParamsIT_EE \
-           _ZN3pka5fused14pka_bwd_kernelI13__nv_bfloat16Li64ELi8EEEvNS0_6ParamsIT_EE; do
-    echo "== $f"
-    "${CUOBJDUMP:-cuobjdump}" -sass -fun "$f" "$so" | sass_opcodes | sort | uniq -c | sort -rn | head -n 40
-  done
-}
-# Opcode of each SASS line ("/*0a10*/  @P0 LDG.E.128 R4, [R2.64] ;" -> LDG.E.128).
-sass_opcodes() {
-  awk '{ for (i = 1; i < NF; i++) if ($i ~ /^\/\*[0-9a-f]+\*\/$/) { j = i + 1; if ($j ~ /^@/) j++;
-         sub(/;$/, "", $j); print $j; break } }'
-}
-export -f sass_mix sass_opcodes
-step sass 30 bash -c sass_mix
+# The headline kernels' instruction mix, read from the built library (no GPU work).
+step sass 30 bash benchmarks/sass_mix.sh
 echo "total $((SECONDS - START))s" | tee -a "$WORK/summary.txt"
 pack
 cat "$RESULTS/summary.txt"

@@ -16,5 +16,5 @@ opcodes() {
 for f in _ZN3pka5fused14pka_fwd_kernelI13__nv_bfloat16Li64ELi4EEEvNS0_6ParamsIT_EE \
          _ZN3pka5fused14pka_bwd_kernelI13__nv_bfloat16Li64ELi8EEEvNS0_6ParamsIT_EE; do
   echo "== $f"
-  "${CUOBJDUMP:-cuobjdump}" -sass -fun "$f" "$file" | opcodes | sort | uniq -c | sort -rn | head -n 40
+  "${CUOBJDUMP:-cuobjdump}" -sass -fun "$f" "$file" | opcodes | sort | uniq -c | sort -rn
 done

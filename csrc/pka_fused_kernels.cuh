@@ -435,6 +435,32 @@ __device__ __forceinline__ Chunk zero_chunk() {
   return c;
 }
 
+// v[0..7] = p[0..7] (p 16-byte aligned): two 16-byte shared-memory loads on the device.
+__device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
+#ifdef __CUDACC__
+  const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+  v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+#else
+  PKA_EMU_REQUIRE_ALIGNED16(p);
+  for (int e = 0; e < 8; ++e) v[e] = p[e];
+#endif
+}
+
+// dst[0..7] = src[0..7] * mul as T (dst 16-byte aligned): one or two 16-byte stores, not eight.
+template <typename T>
+__device__ __forceinline__ void store8(T* dst, const float* src, float mul) {
+  constexpr int V = 16 / static_cast<int>(sizeof(T));
+#pragma unroll
+  for (int u = 0; u < 8 / V; ++u) {
+    alignas(16) T v[V];
+#pragma unroll
+    for (int e = 0; e < V; ++e) v[e] = from_f<T>(src[u * V + e] * mul);
+    Chunk c;
+    std::memcpy(&c, v, 16);
+    st16(dst + u * V, c);
+  }
+}
+
 // The first `rows` rows of a [T, D] output slice (16-byte aligned: a fresh allocation) set to 0 in
 // 16-byte chunks, by the block's `threads` threads.
 template <typename T, int D>
@@ -491,22 +517,26 @@ __device__ void mix_tile(const T* __restrict__ A, int Tn, int s, int L, int nt, 
   // The block of A whose rows are the (output, summed) index in the plain (transposed) case,
   // read along its rows, so that the loads are contiguous; the transposed case then reads it as
   // a column-major operand. Its rows start anywhere (s is arbitrary), so the loads are scalar:
-  // all 8 of a lane are issued together, and the next block's while this one is multiplied.
-  T a[8];
+  // all 8 of a lane (row r, columns c0 ... c0 + 7) are issued together, and the next block's while
+  // this one is multiplied; they go to the stage in one or two 16-byte stores.
+  const int r = lane >> 1, c0 = (lane & 1) * 8;
+  alignas(16) T a[8];
   auto fetch = [&](int tj) {
-    const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj;
+    const int rt = TRANS ? tj : ti, ct = TRANS ? ti : tj, row = rt * 16 + r;
 #pragma unroll
     for (int u = 0; u < 8; ++u) {
-      const int e = lane + 32 * u, row = rt * 16 + (e >> 4), col = ct * 16 + (e & 15);
+      const int col = ct * 16 + c0 + u;
       a[u] = row < L && col <= row ? A[static_cast<size_t>(s + row) * Tn + s + col] : from_f<T>(0.f);
     }
   };
   fetch(lo);
   for (int tj = lo; tj <= hi; ++tj) {
+    constexpr int V = 16 / static_cast<int>(sizeof(T));
 #pragma unroll
-    for (int u = 0; u < 8; ++u) {
-      const int e = lane + 32 * u;
-      stage[(e >> 4) * LT + (e & 15)] = a[u];
+    for (int u = 0; u < 8 / V; ++u) {
+      Chunk c;
+      std::memcpy(&c, a + u * V, 16);
+      st16(stage + r * LT + c0 + u * V, c);
     }
     __syncwarp();
     if (tj < hi) fetch(tj + 1);
@@ -519,20 +549,18 @@ __device__ void mix_tile(const T* __restrict__ A, int Tn, int s, int L, int nt, 
   }
 }
 
-// Rows r < limit of tile ti of dst (row pitch ldd) = acc, through the warp's fp32 scratch `tile`
-// (16 x 16). One warp.
+// Rows r < limit of tile ti of dst (row pitch ldd, 16-byte aligned rows) = acc, through the warp's
+// fp32 scratch `tile` (16 x 16); lane (r, half) stores 8 contiguous elements of row r. One warp.
 template <typename T, int D>
 __device__ void put_tile(const typename Mma<T>::Acc (&acc)[D / 16], int ti, T* dst, int ldd,
                          int limit, float* tile) {
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1, row = ti * 16 + r;
 #pragma unroll
   for (int c = 0; c < D / 16; ++c) {
     Mma<T>::store(tile, 16, acc[c]);
     __syncwarp();
-    for (int e = lane; e < 256; e += 32) {
-      const int r = ti * 16 + (e >> 4);
-      if (r < limit) dst[static_cast<size_t>(r) * ldd + c * 16 + (e & 15)] = from_f<T>(tile[e]);
-    }
+    if (row < limit)
+      store8(dst + static_cast<size_t>(row) * ldd + c * 16 + half * 8, tile + r * 16 + half * 8, 1.f);
     __syncwarp();
   }
 }
@@ -662,21 +690,9 @@ __device__ void write_tile(const typename Mma<T>::Acc& acc, float mul, const Seq
   Mma<T>::store(tile, 16, acc);
   __syncwarp();
   const int rr = t * 16 + r;
-  if (rr < q.L) {
-    // The lane's 8 elements are contiguous and 16-byte aligned (g is a fresh allocation, rows and
-    // c0 + 8 half are multiples of 8 elements): one or two 16-byte stores, not eight scalar ones.
-    constexpr int V = 16 / static_cast<int>(sizeof(T));
-    T* dst = g + static_cast<size_t>(q.s + rr) * D + c0 + half * 8;
-#pragma unroll
-    for (int u = 0; u < 8 / V; ++u) {
-      alignas(16) T v[V];
-#pragma unroll
-      for (int e = 0; e < V; ++e) v[e] = from_f<T>(tile[r * 16 + half * 8 + u * V + e] * mul);
-      Chunk c;
-      std::memcpy(&c, v, 16);
-      st16(dst + u * V, c);
-    }
-  }
+  // g is a fresh allocation, rows and c0 + 8 half are multiples of 8 elements: 16-byte aligned.
+  if (rr < q.L)
+    store8(g + static_cast<size_t>(q.s + rr) * D + c0 + half * 8, tile + r * 16 + half * 8, mul);
   __syncwarp();
 }
 
@@ -684,11 +700,10 @@ __device__ void write_tile(const typename Mma<T>::Acc& acc, float mul, const Seq
 template <typename T, int D>
 __device__ void keep_tile(const typename Mma<T>::Acc& acc, int t, int c0, float* tile, T* buf) {
   constexpr int LD = Smem<T, D>::ld;
-  const int lane = threadIdx.x & 31;
+  const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
   Mma<T>::store(tile, 16, acc);
   __syncwarp();
-  for (int e = lane; e < 256; e += 32)
-    buf[static_cast<size_t>(t * 16 + (e >> 4)) * LD + c0 + (e & 15)] = from_f<T>(tile[e]);
+  store8(buf + static_cast<size_t>(t * 16 + r) * LD + c0 + half * 8, tile + r * 16 + half * 8, 1.f);
   __syncwarp();
 }
 
@@ -888,20 +903,28 @@ __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, co
   M::store(dPf, 16, dp_acc);
   __syncwarp();
   const float c2 = p.scale * kLog2e;
-  for (int e = lane; e < 256; e += 32) {
-    const int i = qt * 16 + (e >> 4), j = kt * 16 + (e & 15);
-    float pz = 0.f, ds = 0.f;
-    if (i < q.L && j <= i) {
-      const float prob = exp2f(Sf[e] * c2 - lse2[i]);
-      const float z = !p.dropout ? 1.f
-                                 : (dropout_keep(rowkey[i], q.s + j, p.threshold) ? p.keep_scale : 0.f);
-      pz = prob * z;
-      ds = prob * (z * dPf[e] - delta[i]) * p.scale;
+  // Lane (r, half) takes row i = 16 qt + r, keys 16 kt + 8 half ... + 7: the row's lse, Delta and
+  // dropout key are read once, and the scores and the results move 16 bytes at a time.
+  const int r = lane >> 1, half = lane & 1, i = qt * 16 + r, j0 = kt * 16 + half * 8;
+  const bool row_ok = i < q.L;  // i < Lp: the row arrays hold it either way
+  const float l2 = lse2[i], di = delta[i];
+  const uint32_t key = rowkey[i];
+  float sv[8], dpv[8], pz[8], ds[8];
+  load8(Sf + r * 16 + half * 8, sv);
+  load8(dPf + r * 16 + half * 8, dpv);
+#pragma unroll
+  for (int e = 0; e < 8; ++e) {
+    const int j = j0 + e;
+    pz[e] = ds[e] = 0.f;
+    if (row_ok && j <= i) {
+      const float prob = exp2f(sv[e] * c2 - l2);
+      const float z = !p.dropout ? 1.f : (dropout_keep(key, q.s + j, p.threshold) ? p.keep_scale : 0.f);
+      pz[e] = prob * z;
+      ds[e] = prob * (z * dpv[e] - di) * p.scale;
     }
-    const int at = (e >> 4) * LT + (e & 15);
-    if (PZ != nullptr) PZ[at] = from_f<T>(pz);
-    dS[at] = from_f<T>(ds);
   }
+  if (PZ != nullptr) store8(PZ + r * LT + half * 8, pz, 1.f);
+  store8(dS + r * LT + half * 8, ds, 1.f);
   __syncwarp();
 }
 

@@ -87,28 +87,24 @@ struct Mma;
                : "r"(addr), "r"(ld)                                                             \
                : "memory")
 
-template <typename Use, typename L>
-__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, __nv_bfloat16, L>& f,
-                                            const __nv_bfloat16* p, int ld) {
+template <typename T, typename Use, typename L>
+__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, T, L>& f, const T* p,
+                                            int ld) {
   unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
   const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
   constexpr bool b = std::is_same_v<Use, wmma::matrix_b>, col = std::is_same_v<L, wmma::col_major>;
-  if constexpr (!b && !col) PKA_WMMA_LOAD4("a.sync.aligned.row.m16n16k16.shared.bf16");
-  if constexpr (!b && col) PKA_WMMA_LOAD4("a.sync.aligned.col.m16n16k16.shared.bf16");
-  if constexpr (b && !col) PKA_WMMA_LOAD4("b.sync.aligned.row.m16n16k16.shared.bf16");
-  if constexpr (b && col) PKA_WMMA_LOAD4("b.sync.aligned.col.m16n16k16.shared.bf16");
-}
-
-template <typename Use, typename L>
-__device__ __forceinline__ void load_shared(wmma::fragment<Use, 16, 16, 16, __half, L>& f,
-                                            const __half* p, int ld) {
-  unsigned* r = reinterpret_cast<unsigned*>(&f.x[0]);
-  const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(p));
-  constexpr bool b = std::is_same_v<Use, wmma::matrix_b>, col = std::is_same_v<L, wmma::col_major>;
-  if constexpr (!b && !col) PKA_WMMA_LOAD8("a.sync.aligned.row.m16n16k16.shared.f16");
-  if constexpr (!b && col) PKA_WMMA_LOAD8("a.sync.aligned.col.m16n16k16.shared.f16");
-  if constexpr (b && !col) PKA_WMMA_LOAD8("b.sync.aligned.row.m16n16k16.shared.f16");
-  if constexpr (b && col) PKA_WMMA_LOAD8("b.sync.aligned.col.m16n16k16.shared.f16");
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (!b && !col) PKA_WMMA_LOAD4("a.sync.aligned.row.m16n16k16.shared.bf16");
+    if constexpr (!b && col) PKA_WMMA_LOAD4("a.sync.aligned.col.m16n16k16.shared.bf16");
+    if constexpr (b && !col) PKA_WMMA_LOAD4("b.sync.aligned.row.m16n16k16.shared.bf16");
+    if constexpr (b && col) PKA_WMMA_LOAD4("b.sync.aligned.col.m16n16k16.shared.bf16");
+  } else {
+    static_assert(std::is_same_v<T, __half>, "16-bit fragments only");
+    if constexpr (!b && !col) PKA_WMMA_LOAD8("a.sync.aligned.row.m16n16k16.shared.f16");
+    if constexpr (!b && col) PKA_WMMA_LOAD8("a.sync.aligned.col.m16n16k16.shared.f16");
+    if constexpr (b && !col) PKA_WMMA_LOAD8("b.sync.aligned.row.m16n16k16.shared.f16");
+    if constexpr (b && col) PKA_WMMA_LOAD8("b.sync.aligned.col.m16n16k16.shared.f16");
+  }
 }
 #undef PKA_WMMA_LOAD4
 #undef PKA_WMMA_LOAD8
@@ -213,6 +209,18 @@ struct Mma<float> {
 // The D / 16 column blocks of a 16-row tile as A operands, held while the tile meets many others.
 template <typename T, int D>
 using TileFrags = typename Mma<T>::template FragA<false>[D / 16];
+
+// acc[c] += op(A) B[:, 16 c ... 16 c + 15] for the D / 16 column blocks of B (pitch ldb), with A
+// (transposed when AT) loaded once for all of them. One warp.
+template <bool AT, typename T, int D>
+__device__ void mma_row(typename Mma<T>::Acc (&acc)[D / 16], const T* a, int lda, const T* b,
+                        int ldb) {
+  using M = Mma<T>;
+  typename M::template FragA<AT> fa;
+  M::load_a(fa, a, lda);
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) M::template mma_a<false>(acc[c], fa, b + c * 16, ldb);
+}
 
 template <typename E>
 struct Params {
@@ -540,11 +548,7 @@ __device__ void mix_tile(const T* __restrict__ A, int Tn, int s, int L, int nt, 
     }
     __syncwarp();
     if (tj < hi) fetch(tj + 1);
-    typename M::template FragA<TRANS> fa;
-    M::load_a(fa, stage, LT);
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c)
-      M::template mma_a<false>(acc[c], fa, src + static_cast<size_t>(tj) * 16 * LD + c * 16, LD);
+    mma_row<TRANS, T, D>(acc, stage, LT, src + static_cast<size_t>(tj) * 16 * LD, LD);
     __syncwarp();
   }
 }
@@ -862,13 +866,8 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
       }
       store2(P + r * LP + c, e0, e1);
     }, [&](int k0, int ntiles) {
-      for (int kt = 0; kt < ntiles; ++kt) {
-        typename M::template FragA<false> fp;  // one probability block for every output column block
-        M::load_a(fp, P + kt * 16, LP);
-#pragma unroll
-        for (int c = 0; c < D / 16; ++c)
-          M::template mma_a<false>(o[c], fp, V + static_cast<size_t>(k0 + kt * 16) * SM::ld + c * 16, SM::ld);
-      }
+      for (int kt = 0; kt < ntiles; ++kt)
+        mma_row<false, T, D>(o, P + kt * 16, LP, V + static_cast<size_t>(k0 + kt * 16) * SM::ld, SM::ld);
       __syncwarp();
     });
     l += __shfl_xor_sync(kFull, l, 1);
@@ -1026,14 +1025,8 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
       }
       __syncwarp();
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, PZ, dS);
-      typename M::template FragA<true> fpz, fds;
-      M::load_a(fpz, PZ, LT);
-      M::load_a(fds, dS, LT);
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c) {
-        M::template mma_a<false>(gv[c], fpz, dOs + c * 16, LD);
-        M::template mma_a<false>(gk[c], fds, Qs + c * 16, LD);
-      }
+      mma_row<true, T, D>(gv, PZ, LT, dOs, LD);
+      mma_row<true, T, D>(gk, dS, LT, Qs, LD);
       __syncwarp();
     }
 #pragma unroll
@@ -1054,11 +1047,7 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
     __syncwarp();
     for (int kt = 0; kt <= qt; ++kt) {
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, nullptr, dS);
-      typename M::template FragA<false> fds;
-      M::load_a(fds, dS, LT);
-#pragma unroll
-      for (int c = 0; c < D / 16; ++c)
-        M::template mma_a<false>(gq[c], fds, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
+      mma_row<false, T, D>(gq, dS, LT, K + static_cast<size_t>(kt) * 16 * LD, LD);
       __syncwarp();
     }
 #pragma unroll

@@ -43,3 +43,25 @@ def test_budget_skips_the_remaining_steps(tmp_path):
     assert summary[0].startswith("build rc=0") and summary[1].startswith("tests rc=0")
     assert all(line.endswith("skipped (budget of 39s spent)") for line in summary[2:-1])
     assert "tests.log" in names and "memcheck.log" not in names
+
+
+def test_sass_mix_counts_opcodes(tmp_path):
+    """benchmarks/sass_mix.sh on a stand-in cuobjdump: one count per opcode, predicates skipped."""
+    fake = tmp_path / "cuobjdump"
+    fake.write_text("#!/bin/sh\ncat <<'SASS'\n"
+                    "        /*0000*/                   LDC R1, c[0x0][0x28] ;\n"
+                    "        /*0010*/              @!P0 LDSM.16.M88.4 R4, [R2] ;\n"
+                    "        /*0a20*/                   LDSM.16.M88.4 R8, [R3+0x100] ;\n"
+                    "        /*0a30*/                   HMMA.16816.F32.BF16 R12, R4, R8, R12 ;\n"
+                    "        /*0a40*/                   EXIT ;\n"
+                    "SASS\n")
+    fake.chmod(0o755)
+    lib = tmp_path / "lib.so"
+    lib.write_bytes(b"")
+    run = subprocess.run(["bash", os.path.join(REPO, "benchmarks", "sass_mix.sh"), str(lib)],
+                         env=dict(os.environ, CUOBJDUMP=str(fake)), capture_output=True, text=True,
+                         check=True, timeout=60)
+    blocks = run.stdout.split("== ")[1:]
+    assert len(blocks) == 2  # the forward and the backward kernel
+    counts = {line.split()[1]: int(line.split()[0]) for line in blocks[0].splitlines()[1:]}
+    assert counts == {"LDSM.16.M88.4": 2, "LDC": 1, "HMMA.16816.F32.BF16": 1, "EXIT": 1}

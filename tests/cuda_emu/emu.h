@@ -1,9 +1,9 @@
 // A CPU model of the CUDA execution the fused kernels rely on, so that their device code
 // (csrc/pka_fused_kernels.cuh; WMMA through wmma_emu.h) can run and be tested without a GPU.
 //
-// Each block runs as kThreads std::threads sharing one "shared memory" buffer (filled with NaN
-// bytes first, so reading anything not written shows up); __syncthreads is a barrier over the
-// block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an exchange through
+// Each block runs as one std::thread per CUDA thread (128 or 256), sharing one "shared memory"
+// buffer (filled with NaN bytes first, so reading anything not written shows up); __syncthreads is
+// a barrier over the block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an exchange through
 // per-warp slots between two warp barriers, atomicAdd an atomic_ref add. Blocks run one after
 // another. A divergent barrier deadlocks here, as it is undefined on the device.
 #pragma once

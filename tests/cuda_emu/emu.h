@@ -3,9 +3,9 @@
 //
 // Each block runs as one std::thread per CUDA thread (128 or 256), sharing one "shared memory"
 // buffer (filled with NaN bytes first, so reading anything not written shows up); __syncthreads is
-// a barrier over the block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an exchange through
-// per-warp slots between two warp barriers, atomicAdd an atomic_ref add. Blocks run one after
-// another. A divergent barrier deadlocks here, as it is undefined on the device.
+// a barrier over the block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an
+// exchange through per-warp slots between two warp barriers, atomicAdd an atomic_ref add. Blocks
+// run one after another. A divergent barrier deadlocks here, as it is undefined on the device.
 #pragma once
 
 #include <atomic>

@@ -126,6 +126,11 @@ def cmd_train(args) -> None:
     _init_distributed(args.device)
     try:
         train_run(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+        if dist.is_initialized():
+            # Ranks that finished reach the teardown together: one tearing down gloo while its peer
+            # was still connected could abort the process (seen in tests/ddp_worker.py). Not after
+            # an error, where the other ranks may never arrive.
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -700,17 +700,6 @@ __device__ void write_tile(const typename Mma<T>::Acc& acc, float mul, const Seq
   __syncwarp();
 }
 
-// Like write_tile, into a block buffer (row pitch LD, rows of the tile, no row limit).
-template <typename T, int D>
-__device__ void keep_tile(const typename Mma<T>::Acc& acc, int t, int c0, float* tile, T* buf) {
-  constexpr int LD = Smem<T, D>::ld;
-  const int lane = threadIdx.x & 31, r = lane >> 1, half = lane & 1;
-  Mma<T>::store(tile, 16, acc);
-  __syncwarp();
-  store8(buf + static_cast<size_t>(t * 16 + r) * LD + c0 + half * 8, tile + r * 16 + half * 8, 1.f);
-  __syncwarp();
-}
-
 // The [T, T] kernel matrix a head reads: the only one (shared) or its own.
 template <typename T>
 __device__ const T* head_kernel(const T* a, int heads, int h, int Tn) {
@@ -1029,11 +1018,8 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
       mma_row<true, T, D>(gk, dS, LT, Qs, LD);
       __syncwarp();
     }
-#pragma unroll
-    for (int c = 0; c < D / 16; ++c) {
-      keep_tile<T, D>(gk[c], kt, c * 16, Sf, dK);
-      keep_tile<T, D>(gv[c], kt, c * 16, Sf, dV);
-    }
+    put_tile<T, D>(gk, kt, dK, LD, q.Lp, Sf);
+    put_tile<T, D>(gv, kt, dV, LD, q.Lp, Sf);
   }
   // Pass 2: each warp owns query tiles: dq = dS K over the visible key tiles.
   for (int k = 0; k * W < q.nt; ++k) {

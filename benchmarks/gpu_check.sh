@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one-call GPU check. On a GPU machine with torch preinstalled (no internet needed):
 #   bash benchmarks/gpu_check.sh [RESULTS_DIR]        # default: $OUT, else benchmarks/results/gpu_check
-# builds the extension, runs the CUDA tests, compute-sanitizer (memcheck, racecheck) on small cases,
+# builds the extension, runs the CUDA tests (and, if some fail, reruns them under each kernel
+# switch: benchmarks/triage_failures.py), compute-sanitizer (memcheck, racecheck) on small cases,
 # the GPU benchmarks, an Nsight Compute profile of the headline kernels and their instruction mix
 # (cuobjdump). Every step runs even if an earlier one fails, each within its own limit and
 # all within PKA_GPU_CHECK_BUDGET seconds (default 450), so the script ends, with its results
@@ -67,6 +68,8 @@ $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 step build 240 $PY -m pip install -v --no-build-isolation --no-deps -e .  # -v: the compile and link lines
 step tests 240 env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" tests/test_cuda_fused.py tests/test_cuda.py \
   --junitxml="$WORK/junit.xml"
+# Only when tests failed: the failures rerun as they were and under each kernel switch (triage.md).
+step triage 90 $PY benchmarks/triage_failures.py "$WORK/junit.xml" --out "$WORK" --timeout 70
 # If a bad call of the op crashes the process (seen once: test_errors, 2026-11-28), the native
 # stack of the crash, from cuda-gdb; nothing when the call raises as it should.
 error_stack() {
@@ -96,4 +99,5 @@ step ncu 60 "${NCU:-ncu}" --clock-control none --kernel-name regex:pka_ --launch
 step sass 30 bash benchmarks/sass_mix.sh
 echo "total $((SECONDS - START))s" | tee -a "$WORK/summary.txt"
 pack
+[[ -f "$WORK/triage.md" ]] && cat "$WORK/triage.md"  # the device tool's reply carries the end
 cat "$RESULTS/summary.txt"

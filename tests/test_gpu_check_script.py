@@ -4,12 +4,14 @@
 from __future__ import annotations
 
 import os
+import json
 import subprocess
+import sys
 import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ("build", "tests", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train",
+STEPS = ("build", "tests", "triage", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train",
          "bench_train_amp", "ncu", "sass")
 
 
@@ -65,3 +67,43 @@ def test_sass_mix_counts_opcodes(tmp_path):
     assert len(blocks) == 2  # the forward and the backward kernel
     counts = {line.split()[1]: int(line.split()[0]) for line in blocks[0].splitlines()[1:]}
     assert counts == {"LDSM.16.M88.4": 2, "LDC": 1, "HMMA.16816.F32.BF16": 1, "EXIT": 1}
+
+
+def test_triage_finds_the_switch_a_failure_depends_on(tmp_path):
+    """benchmarks/triage_failures.py on stand-in tests that pass only under one switch each."""
+    (tmp_path / "test_stand_in.py").write_text(
+        "import os\n"
+        "def test_needs_four_warps():\n"
+        "    assert os.environ.get('PKA_FWD_WARPS') == '4'\n"
+        "def test_fine():\n"
+        "    pass\n"
+        "class TestPath:\n"
+        "    def test_needs_unfused(self):\n"
+        "        assert os.environ.get('PKA_CUDA_UNFUSED') == '1'\n")
+    junit = tmp_path / "junit.xml"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    first = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                            f"--junitxml={junit}", "test_stand_in.py"], cwd=tmp_path, env=env,
+                           capture_output=True, timeout=120)
+    assert first.returncode == 1
+    out = tmp_path / "triage"
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
+                    "--out", str(out), "--root", str(tmp_path)], env=env, check=True,
+                   capture_output=True, timeout=300)
+    report = json.loads((out / "triage.json").read_text())
+    four, unfused = "test_stand_in.py::test_needs_four_warps", "test_stand_in.py::TestPath::test_needs_unfused"
+    assert report["failed"] == [four, unfused]
+    passed = {variant: set(r["passed"]) for variant, r in report["results"].items()}
+    assert passed["as run"] == set()
+    assert passed["fwd 4 warps"] == {four} and passed["unfused"] == {unfused}
+    assert all(not p for v, p in passed.items() if v not in ("fwd 4 warps", "unfused"))
+    assert "| TestPath::test_needs_unfused | FAIL | pass |" in (out / "triage.md").read_text()
+
+
+def test_triage_without_failures_is_quiet(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_check_script" name="t"/></testsuite></testsuites>')
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0 and "nothing to triage" in run.stdout
+    assert not (tmp_path / "o").exists()

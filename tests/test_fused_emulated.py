@@ -6,6 +6,7 @@ shared memory and NaN-poisoned outputs. float32 runs its CUDA-core tile products
 a bfloat16 stand-in runs the kernels' WMMA code against a model of the 16x16x16 fragments that
 checks their alignment and leading-dimension rules. This checks the kernels on machines without a
 GPU; the real tensor-core instructions and performance need the device (tests/test_cuda_fused.py).
+Built with ThreadSanitizer, the same emulation checks for races (test_emulated_kernels_are_race_free).
 """
 
 from __future__ import annotations
@@ -30,16 +31,22 @@ def emu():
     return build_emu()
 
 
-def build_emu():
+def build_emu(thread_sanitizer=False):
+    """The emulator extension; with `thread_sanitizer`, a separate build instrumented by
+    ThreadSanitizer (loadable only in a process that has the TSAN runtime preloaded)."""
     from torch.utils.cpp_extension import load
 
-    build = os.path.join(REPO, "build", "cuda_emu")
+    suffix = "_tsan" if thread_sanitizer else ""
+    build = os.path.join(REPO, "build", "cuda_emu" + suffix)
     os.makedirs(build, exist_ok=True)
+    # -std=c++20: std::barrier, std::atomic_ref (torch 2.11 builds C++17).
+    cflags = ["-O1", "-g", "-fsanitize=thread"] if thread_sanitizer else ["-O2"]
     return load(
-        name="pka_fused_emu",
+        name="pka_fused_emu" + suffix,
         sources=[os.path.join(REPO, "tests", "cuda_emu", "emu_ext.cpp")],
         extra_include_paths=[os.path.join(REPO, "csrc"), os.path.join(REPO, "tests", "cuda_emu")],
-        extra_cflags=["-O2", "-std=c++20"],  # std::barrier, std::atomic_ref (torch 2.11 builds C++17)
+        extra_cflags=[*cflags, "-std=c++20"],
+        extra_ldflags=["-fsanitize=thread"] if thread_sanitizer else [],
         build_directory=build,
         verbose=False,
     )
@@ -248,3 +255,58 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placeme
         assert not torch.isnan(g).any(), f"d{name}: an element was never written"
         e, eb = rel_l2(g, ge), rel_l2(gb, ge)
         assert e <= 2 * eb + 1e-6, f"d{name}: emulated {e:.3e} vs baseline {eb:.3e}"
+
+
+# Every CASES launch plus the headline T and d at both block sizes, in float32 (CUDA-core products)
+# and bfloat16 (the WMMA path).
+RACE_CASES = CASES + [(1, 2, 200, 64, False, [200], 0.1, "smem", 8),
+                      (2, 1, 200, 64, True, [200, 90], 0.0, "smem", 4)]
+
+
+def thread_sanitizer_runtime():
+    """Path of the compiler's ThreadSanitizer runtime, or None."""
+    try:
+        path = subprocess.run(["c++", "-print-file-name=libtsan.so"], capture_output=True, text=True,
+                              timeout=60).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return os.path.realpath(path) if os.path.isabs(path) and os.path.exists(path) else None
+
+
+def race_check_main():
+    """Child of test_emulated_kernels_are_race_free, started with the TSAN runtime preloaded."""
+    os.environ.pop("LD_PRELOAD")  # the compiler the build starts must not run under TSAN
+    emu = build_emu(thread_sanitizer=True)
+    for B, H, T, d, per_head, lengths, dropout_p, placement, warps in RACE_CASES:
+        x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T + d + B)
+        for dtype in (torch.float32, torch.bfloat16):
+            x = [t.to(dtype).contiguous() for t in x64]
+            out, lse, _ = emu.fwd(*x, lens, d**-0.5, dropout_p, 5, placement, warps)
+            grads = emu.bwd(dout64.to(dtype).contiguous(), *x, lens, out, lse, d**-0.5, dropout_p, 5,
+                            placement, warps)
+            assert not any(torch.isnan(t).any() for t in (out, lse, *grads))
+            print("case ok", flush=True)
+
+
+def test_emulated_kernels_are_race_free():
+    """ThreadSanitizer over the emulated kernels, the CPU counterpart of compute-sanitizer's
+    racecheck. Every emulated CUDA thread is an OS thread whose only synchronisation with the others
+    is the emulated __syncthreads / __syncwarp / shuffle, so a race TSAN reports is a pair of
+    accesses (shared memory, workspace or outputs) that no barrier orders on the device either,
+    whether or not the timing of this run exposed it in the results. Deleting the first barrier of
+    the in-place mixing, or the __syncwarp between put_tile's fragment store and its lanes' reads,
+    makes this fail."""
+    runtime = thread_sanitizer_runtime()
+    if runtime is None:
+        pytest.skip("the compiler has no ThreadSanitizer runtime (c++ -print-file-name=libtsan.so)")
+    env = dict(os.environ, LD_PRELOAD=runtime, OMP_NUM_THREADS="1",
+               TSAN_OPTIONS="halt_on_error=0 report_signal_unsafe=0 ignore_noninstrumented_modules=1 "
+                            "exitcode=66")
+    script = (f"import sys; sys.path.insert(0, {os.path.join(REPO, 'tests')!r}); "
+              "import test_fused_emulated as t; t.race_check_main()")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=1200)
+    report = run.stderr.find("WARNING: ThreadSanitizer")
+    assert report < 0, run.stderr[report:report + 3000]
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("case ok") == 2 * len(RACE_CASES)

@@ -83,6 +83,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       Params<T> p = base_params<T>(in, d, scale, dropout_p, seed);
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
+      p.smem_softmax = smem_softmax();
       const Plan plan = forward_plan<T, D>(p.Tp, device_limits(q));
       work = workspace(p, plan, kFwdBuffers, SM::buf_elems(p.Tp), d, q);
       if (grid == 0) return;

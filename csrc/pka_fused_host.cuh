@@ -87,6 +87,15 @@ inline Placement placement() {
   return Placement::kWorkspace;
 }
 
+// PKA_FWD_SMEM_SOFTMAX=1: the 16-bit forward's softmax in two passes through shared memory (the
+// WMMA path) instead of online in registers, to compare the two on a device.
+inline bool smem_softmax() {
+  const char* env = std::getenv("PKA_FWD_SMEM_SOFTMAX");
+  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return false;
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_FWD_SMEM_SOFTMAX must be 0 or 1, got '", env, "'");
+  return true;
+}
+
 // The kernels copy rows of q, k, v, dout and out in 16-byte chunks: a tensor whose data does not
 // start on a 16-byte boundary (a view with an odd storage offset) is copied first.
 inline Tensor contiguous16(const Tensor& t) {

@@ -222,6 +222,114 @@ __device__ void mma_row(typename Mma<T>::Acc (&acc)[D / 16], const T* a, int lda
   for (int c = 0; c < D / 16; ++c) M::template mma_a<false>(acc[c], fa, b + c * 16, ldb);
 }
 
+// Register-level tensor-core products (mma.sync m16n8k16, operands through ldmatrix) for the
+// forward's attention: its online softmax must know which row each accumulator element belongs to,
+// which WMMA keeps opaque. Layouts are the PTX ISA's; lane l is thread t = l % 4 of group
+// g = l / 4, and a 32-bit register holds two 16-bit elements, the lower-indexed in its low half:
+//   A, 16 x 16 row-major:  {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}
+//   B, 16 x 8 (k x n):     {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)}
+//   C, 16 x 8 fp32:        {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}
+// So the scores of two adjacent 8-key blocks (C) are, packed in pairs, the A operand of the
+// product with V: the probabilities never leave registers.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float a, float b) {
+  struct alignas(4) Pair {
+    T x, y;
+  } v{from_f<T>(a), from_f<T>(b)};
+  uint32_t u;
+  std::memcpy(&u, &v, 4);
+  return u;
+}
+
+// The bits of one 16-bit element, and of two adjacent ones (4-byte aligned), in single loads.
+template <typename T>
+__device__ __forceinline__ uint32_t bits16(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint16_t*>(p);
+#else
+  uint16_t u;
+  std::memcpy(&u, p, 2);
+  return u;
+#endif
+}
+template <typename T>
+__device__ __forceinline__ uint32_t bits32(const T* p) {
+#if defined(__CUDA_ARCH__)
+  return *reinterpret_cast<const uint32_t*>(p);
+#else
+  uint32_t u;
+  std::memcpy(&u, p, 4);
+  return u;
+#endif
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(__CUDA_ARCH__)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  } else {
+    static_assert(std::is_same_v<T, __half>, "16-bit operands only");
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+#elif defined(PKA_EMU_WMMA)
+  ::pka_emu::mma_m16n8k16<T>(c, a, b);
+#endif
+}
+
+// Four 8 x 8 matrices of the 16 x 16 tile at p (pitch ld elements): matrix m at rows 8 (m % 2),
+// columns 8 (m / 2), or, with COLS_FIRST, rows 8 (m / 2), columns 8 (m % 2). r[m] = its row g,
+// elements 2t, 2t + 1, or with TRANS its column g, rows 2t, 2t + 1. From shared memory this is
+// one ldmatrix (rows 16-byte aligned); the block buffers of long sequences live in the global
+// workspace, where each lane loads its elements itself.
+template <bool TRANS, bool COLS_FIRST, typename T>
+__device__ __forceinline__ void load_x4(uint32_t (&r)[4], const T* p, int ld) {
+  const int lane = threadIdx.x & 31;
+  auto origin = [&](int m) {
+    const int ro = 8 * (COLS_FIRST ? m >> 1 : m & 1), co = 8 * (COLS_FIRST ? m & 1 : m >> 1);
+    return p + static_cast<size_t>(ro) * ld + co;
+  };
+#if defined(__CUDA_ARCH__)
+  if (__isShared(p)) {
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(origin(lane >> 3) + (lane & 7) * ld));
+    if constexpr (TRANS) {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(addr)
+                   : "memory");
+    } else {
+      asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];"
+                   : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                   : "r"(addr)
+                   : "memory");
+    }
+    return;
+  }
+#elif defined(PKA_EMU_WMMA)
+  if (__isShared(p)) {
+    ::pka_emu::ldmatrix_x4<TRANS>(r, origin(lane >> 3) + (lane & 7) * ld);
+    return;
+  }
+#endif
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int m = 0; m < 4; ++m) {
+    const T* o = origin(m);
+    if constexpr (TRANS) {
+      r[m] = bits16(o + static_cast<size_t>(2 * t) * ld + g) |
+             bits16(o + static_cast<size_t>(2 * t + 1) * ld + g) << 16;
+    } else {
+      r[m] = bits32(o + static_cast<size_t>(g) * ld + 2 * t);  // 4-byte aligned: ld, 2t even
+    }
+  }
+}
+
 template <typename E>
 struct Params {
   const E *q, *k, *v;     // [B, H, T, D], contiguous
@@ -243,6 +351,9 @@ struct Params {
   int H, T, Tp, Hk, Hv;
   float scale, keep_scale;
   bool dropout;
+  // Forward, 16-bit types: the softmax through shared memory in two passes (the WMMA path) instead
+  // of online in registers (PKA_FWD_SMEM_SOFTMAX=1, to compare the two on a device).
+  bool smem_softmax;
   uint64_t seed;
   uint32_t threshold;
 };
@@ -780,6 +891,114 @@ __device__ void over_scores(const TileFrags<T, D>& fq, const T* K, int last, flo
   }
 }
 
+// One warp's query tile qt (staged in Qs) through its visible keys, 16 at a time, on registers:
+// S = Q K^T by mma.sync, the online softmax (running row maxima m, sums l, the output rescaled when
+// a maximum grows) on the accumulators, P packed into the A operand of P V. Writes the tile's
+// output rows (through Qs, in 16-byte stores) and lse. 16-bit types. One warp.
+template <typename T, int D>
+__device__ void attend_registers(const Params<T>& p, const Seq& q, int qt, const T* K, const T* V,
+                                 T* Qs, T* out, float* lse) {
+  constexpr int LD = Smem<T, D>::ld;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  uint32_t qf[D / 16][4];
+#pragma unroll
+  for (int c = 0; c < D / 16; ++c) load_x4<false, false>(qf[c], Qs + c * 16, LD);
+  __syncwarp();  // Qs takes the output at the end
+  // This lane's rows: i[0] = 16 qt + g and i[1] = i[0] + 8 (accumulator elements 0, 1 and 2, 3).
+  const int i[2] = {qt * 16 + g, qt * 16 + g + 8};
+  const bool ok[2] = {i[0] < q.L, i[1] < q.L};
+  uint32_t key[2] = {0u, 0u};
+  if (p.dropout) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      if (ok[h]) key[h] = dropout_row_key(p.seed, q.b, q.h, q.s + i[h]);
+  }
+  const float c2 = p.scale * kLog2e;  // scores in log2 units: exp2 instead of exp
+  float o[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};  // l: sums of the un-dropped probabilities
+  const int last = min(qt * 16 + 15, q.L - 1);  // the tile's last visible key
+  for (int kt = 0; kt * 16 <= last; ++kt) {
+    float sc[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // keys 16 kt + 8 nb + ...
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      uint32_t kb[4];
+      load_x4<false, true>(kb, K + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
+      const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
+      mma16816<T>(sc[0], qf[c], b0);
+      mma16816<T>(sc[1], qf[c], b1);
+    }
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, j = kt * 16 + nb * 8 + 2 * t + (e & 1);
+        sc[nb][e] = ok[h] && j <= i[h] ? sc[nb][e] * c2 : -INFINITY;
+        mx[h] = fmaxf(mx[h], sc[nb][e]);
+      }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 1));
+      mx[h] = fmaxf(mx[h], __shfl_xor_sync(kFull, mx[h], 2));
+      const float mn = fmaxf(m[h], mx[h]);
+      // A row with no visible key yet (or none at all: rows past L) keeps m = -inf and nothing.
+      const float alpha = mn == -INFINITY ? 1.f : exp2f(m[h] - mn);
+      m[h] = mn;
+      l[h] *= alpha;
+#pragma unroll
+      for (int n = 0; n < D / 8; ++n) {
+        o[n][2 * h] *= alpha;
+        o[n][2 * h + 1] *= alpha;
+      }
+    }
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, j = kt * 16 + nb * 8 + 2 * t + (e & 1);
+        float pr = sc[nb][e] == -INFINITY ? 0.f : exp2f(sc[nb][e] - m[h]);
+        l[h] += pr;
+        if (p.dropout) pr = dropout_keep(key[h], q.s + j, p.threshold) ? pr * p.keep_scale : 0.f;
+        sc[nb][e] = pr;
+      }
+    const uint32_t pa[4] = {pack2<T>(sc[0][0], sc[0][1]), pack2<T>(sc[0][2], sc[0][3]),
+                            pack2<T>(sc[1][0], sc[1][1]), pack2<T>(sc[1][2], sc[1][3])};
+#pragma unroll
+    for (int c = 0; c < D / 16; ++c) {
+      uint32_t vb[4];
+      load_x4<true, false>(vb, V + static_cast<size_t>(kt) * 16 * LD + c * 16, LD);
+      const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
+      mma16816<T>(o[2 * c], pa, b0);
+      mma16816<T>(o[2 * c + 1], pa, b1);
+    }
+  }
+  float inv[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    l[h] += __shfl_xor_sync(kFull, l[h], 1);
+    l[h] += __shfl_xor_sync(kFull, l[h], 2);
+    inv[h] = ok[h] ? 1.f / l[h] : 0.f;
+    if (t == 0 && ok[h]) lse[q.s + i[h]] = (m[h] + log2f(l[h])) * kLn2;
+  }
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store2(Qs + (g + 8 * h) * LD + n * 8 + 2 * t, o[n][2 * h] * inv[h], o[n][2 * h + 1] * inv[h]);
+  __syncwarp();
+  constexpr int CPR = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks per row
+  for (int idx = lane; idx < 16 * CPR; idx += 32) {
+    const int r = idx / CPR, c = idx - r * CPR, row = qt * 16 + r;
+    if (row >= q.L) continue;
+    Chunk ch;
+    ld16(Qs + r * LD + c * 8, ch);
+    st16(out + static_cast<size_t>(q.s + row) * D + c * 8, ch);
+  }
+  __syncwarp();  // the next tile is staged into Qs
+}
+
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
@@ -822,6 +1041,12 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
     const bool row_ok = i < q.L;
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     __syncwarp();
+    if constexpr (M::kHoldsA) {
+      if (!p.smem_softmax) {
+        attend_registers<T, D>(p, q, qt, K, V, Qs, out, lse);
+        continue;
+      }
+    }
     // Loaded once for the tile's two passes over its keys, not once per key tile.
     TileFrags<T, D> fq;
 #pragma unroll

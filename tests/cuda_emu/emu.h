@@ -4,7 +4,8 @@
 // Each block runs as one std::thread per CUDA thread (128 or 256), sharing one "shared memory"
 // buffer (filled with NaN bytes first, so reading anything not written shows up); __syncthreads is
 // a barrier over the block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an
-// exchange through per-warp slots between two warp barriers, atomicAdd an atomic_ref add. Blocks
+// exchange through per-warp slots between two warp barriers (so are wmma_emu.h's mma.sync and
+// ldmatrix), atomicAdd an atomic_ref add. Blocks
 // run one after another. A divergent barrier deadlocks here, as it is undefined on the device.
 #pragma once
 
@@ -34,7 +35,7 @@ namespace pka_emu {
 
 struct BlockState {
   explicit BlockState(unsigned threads, size_t smem_bytes)
-      : block(threads), shfl(threads), smem_size(smem_bytes + 128) {
+      : block(threads), shfl(threads), xchg(threads * 6), smem_size(smem_bytes + 128) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
     storage.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (smem_size + 127) / 128 * 128)));
     std::memset(storage.get(), 0xff, smem_size);  // NaN in every float and half lane
@@ -45,6 +46,7 @@ struct BlockState {
   std::barrier<> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
   std::vector<float> shfl;
+  std::vector<uint64_t> xchg;  // per-lane slots of the warp-collective mma / ldmatrix models
   size_t smem_size;
   std::unique_ptr<unsigned char, Free> storage;
 };
@@ -87,6 +89,12 @@ inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
   const float out = slots[lane ^ static_cast<unsigned>(lane_mask)];
   __syncwarp();
   return out;
+}
+// Whether p points into the block's shared memory (the device's __isShared).
+inline bool __isShared(const void* p) {
+  const auto* c = static_cast<const unsigned char*>(p);
+  const unsigned char* base = ::pka_emu::current->storage.get();
+  return c >= base && c < base + ::pka_emu::current->smem_size;
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline int min(int a, int b) { return a < b ? a : b; }

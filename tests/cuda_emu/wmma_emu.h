@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstdio>
+#include <cstring>
 #include <type_traits>
 
 #define PKA_EMU_WMMA 1
@@ -114,3 +115,68 @@ void mma_sync(Acc& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
 
 }  // namespace wmma
 }  // namespace nvcuda
+
+// The register-level instructions the forward's attention uses, with the fragment layouts of the
+// PTX ISA (lane l: group g = l / 4, thread t = l % 4; a register holds two 16-bit elements, the
+// first in its low half). Both are warp-collective: every lane posts its operands to the warp's
+// slots, then reads the others' (the device's register exchange), between two warp barriers.
+namespace pka_emu {
+
+inline uint64_t* warp_slots() {
+  return current->xchg.data() + (threadIdx.x / 32) * 32 * 6;
+}
+
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8 m + k passes the address of row k of
+// 8 x 8 matrix m (16-byte aligned, in shared memory); r[m] receives that matrix's row g, elements
+// 2t and 2t + 1 (TRANS: column g, rows 2t and 2t + 1).
+template <bool TRANS>
+void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+  nvcuda::wmma::detail::require(reinterpret_cast<std::uintptr_t>(row) % 16 == 0,
+                                "ldmatrix row address not 16-byte aligned");
+  nvcuda::wmma::detail::require(__isShared(row), "ldmatrix address not in shared memory");
+  uint64_t* slots = warp_slots();
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  slots[lane * 6] = reinterpret_cast<std::uintptr_t>(row);
+  __syncwarp();
+  auto at = [&](unsigned m, unsigned k, unsigned e) {
+    return reinterpret_cast<const uint16_t*>(slots[(8 * m + k) * 6])[e];
+  };
+  for (unsigned m = 0; m < 4; ++m) {
+    const uint32_t lo = TRANS ? at(m, 2 * t, g) : at(m, g, 2 * t);
+    const uint32_t hi = TRANS ? at(m, 2 * t + 1, g) : at(m, g, 2 * t + 1);
+    r[m] = lo | hi << 16;
+  }
+  __syncwarp();
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: c += A B with A 16 x 16 (registers
+// {(g, 2t..), (g + 8, 2t..), (g, 2t + 8..), (g + 8, 2t + 8..)}), B 16 x 8 ({(k = 2t.., n = g),
+// (k = 2t + 8.., n = g)}), c {(g, 2t), (g, 2t + 1), (g + 8, 2t), (g + 8, 2t + 1)}; exact products
+// summed in fp32.
+template <typename T>
+void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  uint64_t* slots = warp_slots();
+  const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
+  for (int i = 0; i < 4; ++i) slots[lane * 6 + i] = a[i];
+  for (int i = 0; i < 2; ++i) slots[lane * 6 + 4 + i] = b[i];
+  __syncwarp();
+  auto elem = [&](unsigned owner, unsigned reg, unsigned half) {
+    const uint16_t bits = static_cast<uint16_t>(slots[owner * 6 + reg] >> (16 * half));
+    T x;
+    std::memcpy(&x, &bits, 2);
+    return to_f(x);
+  };
+  auto A = [&](unsigned m, unsigned k) {
+    return elem(4 * (m % 8) + (k % 8) / 2, (m >= 8 ? 1u : 0u) + (k >= 8 ? 2u : 0u), k % 2);
+  };
+  auto B = [&](unsigned k, unsigned n) { return elem(4 * n + (k % 8) / 2, 4 + (k >= 8 ? 1u : 0u), k % 2); };
+  for (unsigned e = 0; e < 4; ++e) {
+    const unsigned m = g + 8 * (e / 2), n = 2 * t + e % 2;
+    float s = c[e];
+    for (unsigned k = 0; k < 16; ++k) s += A(m, k) * B(k, n);
+    c[e] = s;
+  }
+  __syncwarp();
+}
+
+}  // namespace pka_emu

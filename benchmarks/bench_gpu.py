@@ -9,9 +9,10 @@ cache flushed before every run, the median of --repeats runs of
   - ``fused``: pka_ext.pka_attention; ``unfused``: the same with PKA_CUDA_UNFUSED=1;
     ``composition``: mixing by torch.matmul + F.scaled_dot_product_attention with the mask;
   - variants of ``fused``, to compare tuning choices in one run: the forward with its blocks fixed
-    at 4 and at 8 warps (PKA_FWD_WARPS), the forward with the two-pass softmax through shared
-    memory instead of the online one in registers (PKA_FWD_SMEM_SOFTMAX=1), forward + backward with the backward block fixed at 4 and
-    at 8 warps (PKA_BWD_WARPS), forward and forward + backward with the blocks in batch order
+    at 4 and at 8 warps (PKA_FWD_WARPS), forward and forward + backward with the 16-bit scores
+    and probabilities through shared memory (WMMA, the forward's softmax in two passes) instead of
+    on mma.sync registers (PKA_SMEM_SCORES=1), forward + backward with the backward block fixed at
+    4 and at 8 warps (PKA_BWD_WARPS), forward and forward + backward with the blocks in batch order
     instead of longest sequence first (PKA_BLOCK_ORDER=0), and with the less used half of the block
     buffers (PKA_FUSED_WORKSPACE=split) or all of them (=1) in the global workspace instead of as
     many as fit in shared memory.
@@ -105,7 +106,7 @@ def bench_shape(shape, dtype, timer: Timer, bw: float) -> dict:
              "composition": ({}, lambda: composition(q, k, v, a_k, a_v, lengths), both),
              "fwd4": ({"PKA_FWD_WARPS": "4"}, pka, fwd_only),
              "fwd8": ({"PKA_FWD_WARPS": "8"}, pka, fwd_only),
-             "smem_softmax": ({"PKA_FWD_SMEM_SOFTMAX": "1"}, pka, fwd_only),
+             "smem_scores": ({"PKA_SMEM_SCORES": "1"}, pka, both),
              "bwd4": ({"PKA_BWD_WARPS": "4"}, pka, fwdbwd_only),
              "bwd8": ({"PKA_BWD_WARPS": "8"}, pka, fwdbwd_only),
              "batch_order": ({"PKA_BLOCK_ORDER": "0"}, pka, both),
@@ -175,17 +176,17 @@ def report(rows, bw, info, args) -> str:
             f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
             f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
     md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 4 warps per "
-           "forward block unless one block would have its SM to itself, the 16-bit forward's softmax "
-           "online in registers, 8 per backward block where they fit, blocks longest sequence "
+           "forward block unless one block would have its SM to itself, the 16-bit scores on "
+           "mma.sync registers, 8 per backward block where they fit, blocks longest sequence "
            "first, as many block buffers in shared memory as fit):",
            "",
-           "| T | d | fwd, 4 warps | fwd, 8 warps | fwd, softmax through shared memory "
-           "| fwd+bwd, backward 4 warps "
+           "| T | d | fwd, 4 warps | fwd, 8 warps | fwd, scores through shared memory "
+           "| fwd+bwd, scores through shared memory | fwd+bwd, backward 4 warps "
            "| fwd+bwd, backward 8 warps | fwd, batch order | fwd+bwd, batch order "
            "| fwd, split | fwd+bwd, split | fwd, all in workspace | fwd+bwd, all in workspace |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['T']} | {r['d']} | {r['fwd_ms_fwd4']:.3f} | {r['fwd_ms_fwd8']:.3f} | "
-           f"{r['fwd_ms_smem_softmax']:.3f} | "
+           f"{r['fwd_ms_smem_scores']:.3f} | {r['fwdbwd_ms_smem_scores']:.3f} | "
            f"{r['fwdbwd_ms_bwd4']:.3f} | {r['fwdbwd_ms_bwd8']:.3f} | "
            f"{r['fwd_ms_batch_order']:.3f} | {r['fwdbwd_ms_batch_order']:.3f} | "
            f"{r['fwd_ms_split']:.3f} | {r['fwdbwd_ms_split']:.3f} | "

@@ -5,7 +5,7 @@
 Device time is lent in minutes, so a failing GPU check should say more than "failed": this reruns
 the tests that failed (read from the junit report of the tests step) once as they were and once
 under each switch of the CUDA code that changes what runs (the unfused path, the buffer placement,
-the forward's softmax, the warps per block, the block order), all variants at once in separate processes (one GPU holds
+where the 16-bit scores live, the warps per block, the block order), all variants at once in separate processes (one GPU holds
 them all). A test that passes as rerun points at a race or a stale state; one that passes only
 without a feature points at that feature. Writes triage.md and triage.json to --out and prints the
 table; exits 0 when nothing failed. Never a verdict on its own: the table is a lead for the next
@@ -30,7 +30,7 @@ VARIANTS = {
     "unfused": {"PKA_CUDA_UNFUSED": "1"},
     "workspace": {"PKA_FUSED_WORKSPACE": "1"},
     "split": {"PKA_FUSED_WORKSPACE": "split"},
-    "smem softmax": {"PKA_FWD_SMEM_SOFTMAX": "1"},
+    "smem scores": {"PKA_SMEM_SCORES": "1"},
     "fwd 4 warps": {"PKA_FWD_WARPS": "4"},
     "fwd 8 warps": {"PKA_FWD_WARPS": "8"},
     "bwd 4 warps": {"PKA_BWD_WARPS": "4"},

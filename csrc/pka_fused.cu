@@ -10,14 +10,18 @@
 // every T working at the price of L2/HBM traffic for long sequences.
 //
 // Forward: K and V are mixed in place in their buffers (tiles from the last down, in rounds). Per
-//   16-query tile, one warp makes two passes over the visible keys, 32 at a time: the row maxima
-//   of the scores, then the probabilities with those maxima, accumulating P V in
-//   registers (no rescaling, so the output never goes through shared memory) and the row sums l of
-//   the un-dropped probabilities; dropout multiplies the probabilities by keep / (1 - p) before
-//   they meet V, and the row is divided by l at the end, exactly the CPU op's
-//   dropout(softmax(.)) V. lse = max + log(l) is written in fp32.
+//   16-query tile, one warp goes through the visible keys. float16 / bfloat16: 16 keys at a time
+//   on mma.sync registers with an online softmax (running row maxima, the output rescaled when
+//   one grows), the probabilities packed straight into the operand of P V. float32 (and 16-bit
+//   with PKA_SMEM_SCORES=1): two passes, 32 keys at a time, through shared memory: the row maxima,
+//   then the probabilities with those maxima, accumulating P V in registers. Either way the row
+//   sums l are of the un-dropped probabilities; dropout multiplies the probabilities by
+//   keep / (1 - p) before they meet V, and the row is divided by l at the end, exactly the CPU
+//   op's dropout(softmax(.)) V. lse = max + log(l) is written in fp32.
 // Backward: pass 1 gives every warp whole key tiles (dK_mixed, dV_mixed summed over query tiles
-//   without atomics, accumulated in registers); pass 2 gives it query tiles (dq); then
+//   without atomics, accumulated in registers; for 16-bit types from S^T = K Q^T and dP^T = V dO^T
+//   on mma.sync registers, so that P Z and dS are the operands of the next products as they
+//   are); pass 2 gives it query tiles (dq); then
 //   dk = tril(A_k)^T dK_mixed, dv = tril(A_v)^T dV_mixed, and the kernel gradients
 //   dA[s+i, s+j] += dK_mixed[i] . k[j] (j <= i) go into an fp32 [Hk, T, T] accumulator with
 //   atomicAdd: the order of those additions varies from run to run, so da_k / da_v are not bitwise
@@ -29,8 +33,9 @@
 // conflicts (pitch), and blocks take the sequences longest first (block_order), so that a long
 // one does not start last. benchmarks/gpu_notes.md has the measurements behind each choice.
 //
-// float16 / bfloat16 products run on tensor cores (WMMA 16x16x16, fp32 accumulation); float32
-// runs the same tile algorithm on CUDA cores, because TF32 would miss the op's fp32 accuracy.
+// float16 / bfloat16 products run on tensor cores (WMMA 16x16x16 for the mixing and the kernel
+// gradients, mma.sync m16n8k16 for the attention; fp32 accumulation); float32 runs the same tile
+// algorithm on CUDA cores, because TF32 would miss the op's fp32 accuracy.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -83,7 +88,7 @@ std::tuple<Tensor, Tensor> pka_fwd_fused(const Tensor& q_, const Tensor& k_, con
       Params<T> p = base_params<T>(in, d, scale, dropout_p, seed);
       p.out = reinterpret_cast<T*>(out.data_ptr());
       p.lse_out = lse.data_ptr<float>();
-      p.smem_softmax = smem_softmax();
+      p.smem_scores = smem_scores();
       const Plan plan = forward_plan<T, D>(p.Tp, device_limits(q));
       work = workspace(p, plan, kFwdBuffers, SM::buf_elems(p.Tp), d, q);
       if (grid == 0) return;

@@ -40,6 +40,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_fused(
       p.dv = reinterpret_cast<T*>(dv.data_ptr());
       p.dak = dak.data_ptr<float>();
       p.dav = dav.data_ptr<float>();
+      p.smem_scores = smem_scores();
       const Plan plan = backward_plan<T, D>(p.Tp, device_limits(q));
       work = workspace(p, plan, kBwdBuffers, SM::buf_elems(p.Tp), d, q);
       if (grid == 0) return;

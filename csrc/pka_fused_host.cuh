@@ -87,12 +87,13 @@ inline Placement placement() {
   return Placement::kWorkspace;
 }
 
-// PKA_FWD_SMEM_SOFTMAX=1: the 16-bit forward's softmax in two passes through shared memory (the
-// WMMA path) instead of online in registers, to compare the two on a device.
-inline bool smem_softmax() {
-  const char* env = std::getenv("PKA_FWD_SMEM_SOFTMAX");
+// PKA_SMEM_SCORES=1: the 16-bit kernels' scores and probabilities through shared memory (the
+// WMMA path; the forward's softmax in two passes) instead of on mma.sync registers, to compare
+// the two on a device.
+inline bool smem_scores() {
+  const char* env = std::getenv("PKA_SMEM_SCORES");
   if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_FWD_SMEM_SOFTMAX must be 0 or 1, got '", env, "'");
+  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_SMEM_SCORES must be 0 or 1, got '", env, "'");
   return true;
 }
 

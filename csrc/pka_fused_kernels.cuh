@@ -351,9 +351,9 @@ struct Params {
   int H, T, Tp, Hk, Hv;
   float scale, keep_scale;
   bool dropout;
-  // Forward, 16-bit types: the softmax through shared memory in two passes (the WMMA path) instead
-  // of online in registers (PKA_FWD_SMEM_SOFTMAX=1, to compare the two on a device).
-  bool smem_softmax;
+  // 16-bit types: scores and probabilities through shared memory (WMMA; the forward's softmax in
+  // two passes) instead of on mma.sync registers (PKA_SMEM_SCORES=1, to compare on a device).
+  bool smem_scores;
   uint64_t seed;
   uint32_t threshold;
 };
@@ -1042,7 +1042,7 @@ __global__ void __launch_bounds__(32 * W) pka_fwd_kernel(const Params<T> p) {
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     __syncwarp();
     if constexpr (M::kHoldsA) {
-      if (!p.smem_softmax) {
+      if (!p.smem_scores) {
         attend_registers<T, D>(p, q, qt, K, V, Qs, out, lse);
         continue;
       }
@@ -1142,6 +1142,173 @@ __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, co
 }
 
 
+// The backward's attention products on registers (16-bit types; see attend_registers): the
+// probabilities and score gradients of a 16 x 16 pair are formed on mma.sync accumulators and used
+// there as operands, never stored.
+
+// acc (16 rows x D, mma.sync C layout: D / 8 column blocks) into rows r < 16 of dst (pitch ld) as
+// T, in pairs. One warp.
+template <typename T, int D>
+__device__ void put_acc(const float (&acc)[D / 8][4], T* dst, int ld) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store2(dst + (g + 8 * h) * ld + n * 8 + 2 * t, acc[n][2 * h], acc[n][2 * h + 1]);
+}
+
+// c[2][4] = X Y^T for the 16-row tiles X (A operand, rows 16 x D at x) and Y (16 rows at y): two
+// 8-column blocks of C. Both row-major with pitch ld. One warp.
+template <typename T, int D>
+__device__ __forceinline__ void tile_xyt(float (&c)[2][4], const T* x, const T* y, int ld) {
+#pragma unroll
+  for (int nb = 0; nb < 2; ++nb) c[nb][0] = c[nb][1] = c[nb][2] = c[nb][3] = 0.f;
+#pragma unroll
+  for (int k = 0; k < D / 16; ++k) {
+    uint32_t a[4], b[4];
+    load_x4<false, false>(a, x + k * 16, ld);
+    load_x4<false, true>(b, y + k * 16, ld);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    mma16816<T>(c[0], a, b0);
+    mma16816<T>(c[1], a, b1);
+  }
+}
+
+// acc (16 x D) += P Z for the 16 x 16 operand held as C blocks c[2][4] (packed to T) and Z, the
+// 16 rows x D at z (pitch ld). One warp.
+template <typename T, int D>
+__device__ __forceinline__ void acc_pz(float (&acc)[D / 8][4], const float (&c)[2][4], const T* z, int ld) {
+  const uint32_t a[4] = {pack2<T>(c[0][0], c[0][1]), pack2<T>(c[0][2], c[0][3]),
+                         pack2<T>(c[1][0], c[1][1]), pack2<T>(c[1][2], c[1][3])};
+#pragma unroll
+  for (int n = 0; n < D / 16; ++n) {
+    uint32_t b[4];
+    load_x4<true, false>(b, z + n * 16, ld);
+    const uint32_t b0[2] = {b[0], b[1]}, b1[2] = {b[2], b[3]};
+    mma16816<T>(acc[2 * n], a, b0);
+    mma16816<T>(acc[2 * n + 1], a, b1);
+  }
+}
+
+// P Z and dS of one element: query i (row arrays lse2, delta, rowkey), key j, score s, dP = dp.
+template <typename T>
+__device__ __forceinline__ void grad_elem(const Params<T>& p, const Seq& q, int i, int j, float s,
+                                          float dp, float l2, float di, uint32_t key, float& pz,
+                                          float& ds) {
+  pz = ds = 0.f;
+  if (i < q.L && j <= i) {
+    const float prob = exp2f(s * p.scale * kLog2e - l2);
+    const float z = !p.dropout ? 1.f : (dropout_keep(key, q.s + j, p.threshold) ? p.keep_scale : 0.f);
+    pz = prob * z;
+    ds = prob * (z * dp - di) * p.scale;
+  }
+}
+
+// Pass 1 for key tile kt: dK_mixed and dV_mixed rows of the tile, summed over the query tiles
+// that see it, with S^T = K Q^T and dP^T = V dO^T so that P Z and dS come out with the keys as
+// rows: the A operands of dV += (P Z)^T dO and dK += dS^T Q. Query and dout tiles are staged in
+// Qs and dOs. One warp.
+template <typename T, int D>
+__device__ void key_tile_grads(const Params<T>& p, const Seq& q, int kt, const T* K, const T* V,
+                               const T* dout, size_t base, const float* lse2, const float* delta,
+                               const uint32_t* rowkey, T* Qs, T* dOs, T* dK, T* dV) {
+  constexpr int LD = Smem<T, D>::ld;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float gk[D / 8][4], gv[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) gk[n][e] = gv[n][e] = 0.f;
+  const T* Kt = K + static_cast<size_t>(kt) * 16 * LD;
+  const T* Vt = V + static_cast<size_t>(kt) * 16 * LD;
+  // Every pair restages a query and a dout tile: the next pair's are fetched while this one is
+  // computed.
+  using Ahead = TileInFlight<T, D>;
+  Ahead next_q, next_do;
+  if constexpr (Ahead::kFits) {
+    next_q.fetch(p.q + base, q, kt);
+    next_do.fetch(dout, q, kt);
+  }
+  for (int qt = kt; qt < q.nt; ++qt) {
+    if constexpr (Ahead::kFits) {
+      next_q.put(Qs);
+      next_do.put(dOs);
+      if (qt + 1 < q.nt) {
+        next_q.fetch(p.q + base, q, qt + 1);
+        next_do.fetch(dout, q, qt + 1);
+      }
+    } else {
+      stage_tile<T, D>(p.q + base, q, qt, Qs);
+      stage_tile<T, D>(dout, q, qt, dOs);
+    }
+    __syncwarp();
+    float st[2][4], dpt[2][4];  // rows: keys 16 kt + g (+ 8); columns: queries 16 qt + 8 nb + 2t (+ 1)
+    tile_xyt<T, D>(st, Kt, Qs, LD);
+    tile_xyt<T, D>(dpt, Vt, dOs, LD);
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int u = 0; u < 2; ++u) {
+        const int i = qt * 16 + nb * 8 + 2 * t + u;  // i < Lp: the row arrays hold it
+        const float l2 = lse2[i], di = delta[i];
+        const uint32_t key = rowkey[i];
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int e = 2 * h + u, j = kt * 16 + g + 8 * h;
+          grad_elem(p, q, i, j, st[nb][e], dpt[nb][e], l2, di, key, st[nb][e], dpt[nb][e]);
+        }
+      }
+    acc_pz<T, D>(gv, st, dOs, LD);   // st now holds (P Z)^T
+    acc_pz<T, D>(gk, dpt, Qs, LD);   // dpt now holds dS^T
+    __syncwarp();  // the next pair's tiles overwrite Qs and dOs
+  }
+  put_acc<T, D>(gk, dK + static_cast<size_t>(kt) * 16 * LD, LD);
+  put_acc<T, D>(gv, dV + static_cast<size_t>(kt) * 16 * LD, LD);
+}
+
+// Pass 2 for query tile qt (staged in Qs, dout tile in dOs): dq rows = sum over the visible key
+// tiles of dS K, written to dq through Qs in 16-byte stores. One warp.
+template <typename T, int D>
+__device__ void query_tile_grads(const Params<T>& p, const Seq& q, int qt, const T* K, const T* V,
+                                 const float* lse2, const float* delta, const uint32_t* rowkey,
+                                 T* Qs, const T* dOs, T* dq) {
+  constexpr int LD = Smem<T, D>::ld;
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  float gq[D / 8][4];
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n) gq[n][0] = gq[n][1] = gq[n][2] = gq[n][3] = 0.f;
+  const int i[2] = {qt * 16 + g, qt * 16 + g + 8};
+  const float l2[2] = {lse2[i[0]], lse2[i[1]]}, di[2] = {delta[i[0]], delta[i[1]]};
+  const uint32_t key[2] = {rowkey[i[0]], rowkey[i[1]]};
+  for (int kt = 0; kt <= qt; ++kt) {
+    float s[2][4], dp[2][4];  // rows: queries i[0], i[1]; columns: keys 16 kt + 8 nb + 2t (+ 1)
+    tile_xyt<T, D>(s, Qs, K + static_cast<size_t>(kt) * 16 * LD, LD);
+    tile_xyt<T, D>(dp, dOs, V + static_cast<size_t>(kt) * 16 * LD, LD);
+#pragma unroll
+    for (int nb = 0; nb < 2; ++nb)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int h = e >> 1, j = kt * 16 + nb * 8 + 2 * t + (e & 1);
+        float pz;
+        grad_elem(p, q, i[h], j, s[nb][e], dp[nb][e], l2[h], di[h], key[h], pz, dp[nb][e]);
+      }
+    acc_pz<T, D>(gq, dp, K + static_cast<size_t>(kt) * 16 * LD, LD);  // dp now holds dS
+  }
+  __syncwarp();  // every lane is done with Qs
+  put_acc<T, D>(gq, Qs, LD);
+  __syncwarp();
+  constexpr int CPR = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks per row
+  for (int idx = lane; idx < 16 * CPR; idx += 32) {
+    const int r = idx / CPR, c = idx - r * CPR, row = qt * 16 + r;
+    if (row >= q.L) continue;
+    Chunk ch;
+    ld16(Qs + r * LD + c * 8, ch);
+    st16(dq + static_cast<size_t>(q.s + row) * D + c * 8, ch);
+  }
+  __syncwarp();  // the next tile is staged into Qs
+}
+
 template <typename T, int D, int W>
 __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
 #if !PKA_FUSED_ARCH_OK
@@ -1211,6 +1378,12 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
   for (int k = 0; k * W < q.nt; ++k) {
     const int kt = dealt<W>(k, warp, q.nt, false);
     if (kt < 0) continue;
+    if constexpr (M::kHoldsA) {
+      if (!p.smem_scores) {
+        key_tile_grads<T, D>(p, q, kt, K, V, dout, base, lse2, delta, rowkey, Qs, dOs, dK, dV);
+        continue;
+      }
+    }
     typename M::Acc gk[D / 16], gv[D / 16];
 #pragma unroll
     for (int c = 0; c < D / 16; ++c) {
@@ -1256,6 +1429,12 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
     stage_tile<T, D>(p.q + base, q, qt, Qs);
     stage_tile<T, D>(dout, q, qt, dOs);
     __syncwarp();
+    if constexpr (M::kHoldsA) {
+      if (!p.smem_scores) {
+        query_tile_grads<T, D>(p, q, qt, K, V, lse2, delta, rowkey, Qs, dOs, p.dq + base);
+        continue;
+      }
+    }
     for (int kt = 0; kt <= qt; ++kt) {
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, nullptr, dS);
       mma_row<false, T, D>(gq, dS, LT, K + static_cast<size_t>(kt) * 16 * LD, LD);

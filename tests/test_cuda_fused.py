@@ -242,34 +242,34 @@ def test_launch_choices_agree(variable, values, T, dtype, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("T,d,placement", [(50, 16, "0"), (200, 64, "0"), (130, 32, "1"), (700, 128, "0")])
-def test_forward_softmax_paths_agree(T, d, placement, dtype, monkeypatch):
-    """The 16-bit forward's online softmax in registers (default) and its two-pass softmax through
-    shared memory (PKA_FWD_SMEM_SOFTMAX=1) compute the same function: out within the rounding of
-    the probabilities to the input type, lse (fp32 either way) to 1e-5, both as far from float64
-    as the composition at most twice over; every element written."""
+def test_score_paths_agree(T, d, placement, dtype, monkeypatch):
+    """The 16-bit kernels' scores on mma.sync registers (default: the forward's online softmax, the
+    backward's P Z and dS as operands) and through shared memory (PKA_SMEM_SCORES=1, WMMA): each
+    within twice the composition's error against float64 for out and every gradient, every element
+    written, and lse (fp32 either way) the same to 1e-5."""
     monkeypatch.setenv("PKA_FUSED_WORKSPACE", placement)
     B, H = 4, 2
-    x64, lengths, _ = inputs64(B, H, T, d, per_head=True, seed=T * d)
-    x = [t.to(dtype) for t in x64]
-    exact = python_ref.pka_attention(*[t.double() for t in x], lengths)
-    base = rel_l2(_compose(*x, lengths), exact)
-    results = []
-    for smem_softmax in ("0", "1"):
-        monkeypatch.setenv("PKA_FWD_SMEM_SOFTMAX", smem_softmax)
-        poison([(B * H * T * d, dtype), (B * H * T, torch.float32)] * 2)
-        out, lse = OP_FWD(*x, lengths, d**-0.5, 0.0, None)
-        assert not torch.isnan(out).any() and not torch.isnan(lse).any()
-        assert rel_l2(out, exact) <= 2 * base + 1e-6
-        results.append((out, lse))
-    (out_r, lse_r), (out_s, lse_s) = results
-    assert rel_l2(out_r, out_s) <= 1e-2
-    assert (lse_r - lse_s).abs().max().item() <= 1e-5 * max(1.0, lse_s.abs().max().item())
+    x64, lengths, dout64 = inputs64(B, H, T, d, per_head=True, seed=T * d)
+    x, dout = [t.to(dtype) for t in x64], dout64.to(dtype)
+    out_e, grads_e = fwd_bwd(python_ref.pka_attention, [t.double() for t in x], lengths, dout.double())
+    out_b, grads_b = fwd_bwd(_compose, x, lengths, dout)
+    lses = []
+    for smem_scores in ("0", "1"):
+        monkeypatch.setenv("PKA_SMEM_SCORES", smem_scores)
+        poison([(B * H * T * d, dtype)] * 4)
+        out, grads = fwd_bwd(pka_ext.pka_attention, x, lengths, dout)
+        for name, y, yb, ye in zip(("out", *NAMES), (out, *grads), (out_b, *grads_b), (out_e, *grads_e)):
+            assert not torch.isnan(y).any(), f"{name} ({smem_scores}): an element was never written"
+            e, eb = rel_l2(y, ye), rel_l2(yb, ye)
+            assert e <= 2 * eb + 1e-6, f"{name} ({smem_scores}): fused {e:.3e} vs baseline {eb:.3e}"
+        lses.append(OP_FWD(*x, lengths, d**-0.5, 0.0, None)[1])
+    assert (lses[0] - lses[1]).abs().max().item() <= 1e-5 * max(1.0, lses[1].abs().max().item())
 
 
 @pytest.mark.parametrize("variable,message", [("PKA_FWD_WARPS", "must be 4 or 8"),
                                               ("PKA_BWD_WARPS", "must be 4 or 8"),
                                               ("PKA_FUSED_WORKSPACE", "must be 0, 1 or split"),
-                                              ("PKA_FWD_SMEM_SOFTMAX", "must be 0 or 1")])
+                                              ("PKA_SMEM_SCORES", "must be 0 or 1")])
 def test_bad_launch_setting_is_refused(variable, message, monkeypatch):
     x64, lengths, dout64 = inputs64(2, 1, 16, 32, per_head=False, seed=2)
     x, dout = [t.float() for t in x64], dout64.float()

@@ -137,7 +137,7 @@ def test_launch_choices_agree_bitwise(emu):
 def test_bfloat16_forward_paths(emu):
     """The 16-bit forward: launch choices (warps, placements: the workspace's fragments are loaded
     lane by lane, shared memory's through the ldmatrix model) agree bitwise; the online softmax in
-    registers and the two-pass one through shared memory (smem_softmax) agree up to the rounding of
+    registers and the two-pass one through shared memory (smem_scores) agree up to the rounding of
     the probabilities to bfloat16, lse to fp32 rounding."""
     x64, lens, _ = make_case(3, 2, 70, 32, True, [70, 45, 0], seed=4)
     x = [t.to(torch.bfloat16).contiguous() for t in x64]
@@ -145,7 +145,7 @@ def test_bfloat16_forward_paths(emu):
             for placement, warps in (("smem", 4), ("smem", 8), ("split", 4), ("workspace", 8))]
     for out, lse in runs[1:]:
         assert torch.equal(out, runs[0][0]) and torch.equal(lse, runs[0][1])
-    out_s, lse_s, _ = emu.fwd(*x, lens, 32**-0.5, 0.2, 99, "smem", 4, smem_softmax=True)
+    out_s, lse_s, _ = emu.fwd(*x, lens, 32**-0.5, 0.2, 99, "smem", 4, smem_scores=True)
     assert rel_l2(runs[0][0], out_s.double()) <= 1e-2
     assert (runs[0][1] - lse_s).abs().max().item() <= 1e-5 * lse_s.abs().max().item()
 
@@ -226,7 +226,7 @@ def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,placement,warps,smem_softmax", [
+@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,placement,warps,smem_scores", [
     (40, 32, False, [40, 17], 0.0, "smem", 8, False),
     (70, 16, True, [70, 0], 0.2, "split", 4, False),
     (70, 16, True, [70, 0], 0.2, "split", 4, True),
@@ -236,7 +236,7 @@ def rel_l2(x, ref):
     (200, 64, False, [200, 137, 61], 0.0, "smem", 8, False),  # the benchmarks' headline T and d
 ])
 def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placement, warps,
-                                smem_softmax):
+                                smem_scores):
     """The 16-bit path (shared-memory layout, roundings, WMMA tile products on the fragment model):
     error vs float64 at most 2x that of the same-dtype baseline (matmul + SDPA, or python_ref with
     dropout)."""
@@ -263,9 +263,9 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placeme
         lambda q, k, v, a_k, a_v, lengths, **_: composition(q, k, v, a_k, a_v, lengths))
     out_b, grads_b = fwd_bwd(base, x16, dout16)
 
-    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, placement, warps, smem_softmax)
+    out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, placement, warps, smem_scores)
     grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, placement,
-                    warps)
+                    warps, smem_scores)
     assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     e, eb = rel_l2(out, out_e), rel_l2(out_b, out_e)
@@ -300,13 +300,12 @@ def race_check_main():
         x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T + d + B)
         for dtype in (torch.float32, torch.bfloat16):
             x = [t.to(dtype).contiguous() for t in x64]
-            # bfloat16 runs both forward softmax paths, the default last, whose out and lse the
-            # backward takes (float32 has only the shared-memory one).
-            for smem_softmax in (True, False) if dtype == torch.bfloat16 else (True,):
-                out, lse, _ = emu.fwd(*x, lens, d**-0.5, dropout_p, 5, placement, warps, smem_softmax)
-            grads = emu.bwd(dout64.to(dtype).contiguous(), *x, lens, out, lse, d**-0.5, dropout_p, 5,
-                            placement, warps)
-            assert not any(torch.isnan(t).any() for t in (out, lse, *grads))
+            # bfloat16 runs both score paths (float32 has only the shared-memory one).
+            for smem_scores in (True, False) if dtype == torch.bfloat16 else (True,):
+                out, lse, _ = emu.fwd(*x, lens, d**-0.5, dropout_p, 5, placement, warps, smem_scores)
+                grads = emu.bwd(dout64.to(dtype).contiguous(), *x, lens, out, lse, d**-0.5, dropout_p,
+                                5, placement, warps, smem_scores)
+                assert not any(torch.isnan(t).any() for t in (out, lse, *grads))
             print("case ok", flush=True)
 
 

@@ -108,10 +108,10 @@ template <typename E>
 std::tuple<Tensor, Tensor, int64_t> fwd_impl(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
                                              std::optional<Tensor> lengths, double scale,
                                              double dropout_p, int64_t seed, Placement placement,
-                                             int64_t warps, bool smem_softmax) {
+                                             int64_t warps, bool smem_scores) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
-  p.smem_softmax = smem_softmax;
+  p.smem_scores = smem_scores;
   const Tensor order = block_order(lengths);
   p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
   // Poison: every element the kernel should write is NaN until it does.
@@ -136,9 +136,10 @@ template <typename E>
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd_impl(
     Tensor dout, Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
     std::optional<Tensor> lengths, Tensor out, Tensor lse, double scale, double dropout_p,
-    int64_t seed, Placement placement, int64_t warps) {
+    int64_t seed, Placement placement, int64_t warps, bool smem_scores) {
   const int64_t B = q.size(0), H = q.size(1), T = q.size(2), D = q.size(3);
   Params<E> p = make_params<E>(q, k, v, ak, av, lengths, scale, dropout_p, seed);
+  p.smem_scores = smem_scores;
   const Tensor order = block_order(lengths);
   p.order = order.defined() ? order.data_ptr<int64_t>() : nullptr;
   p.dout = ptr<E>(dout);
@@ -181,13 +182,13 @@ Placement placement_of(const std::string& name) {
 std::tuple<Tensor, Tensor, int64_t> fwd(Tensor q, Tensor k, Tensor v, Tensor ak, Tensor av,
                                         std::optional<Tensor> lengths, double scale,
                                         double dropout_p, int64_t seed, std::string placement,
-                                        int64_t warps, bool smem_softmax) {
+                                        int64_t warps, bool smem_scores) {
   TORCH_CHECK(warps == 4 || warps == 8, "the forward runs with 4 or 8 warps, got ", warps);
   const Placement pl = placement_of(placement);
   if (q.scalar_type() == at::kBFloat16)
-    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_softmax);
+    return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_scores);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
-  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_softmax);
+  return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_scores);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Tensor k, Tensor v,
@@ -195,15 +196,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
                                                        std::optional<Tensor> lengths, Tensor out,
                                                        Tensor lse, double scale, double dropout_p,
                                                        int64_t seed, std::string placement,
-                                                       int64_t warps) {
+                                                       int64_t warps, bool smem_scores) {
   TORCH_CHECK(warps == 4 || warps == 8, "the backward runs with 4 or 8 warps, got ", warps);
   const Placement pl = placement_of(placement);
   if (q.scalar_type() == at::kBFloat16)
     return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
-                           warps);
+                           warps, smem_scores);
   TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
   return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
-                         warps);
+                         warps, smem_scores);
 }
 
 // Shared-memory bytes of 4-warp blocks with every block buffer in shared memory (in_smem) or none.
@@ -260,13 +261,16 @@ std::tuple<int64_t, int64_t> bwd_plan_of(int64_t D, int64_t T, int64_t elem_byte
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  // smem_softmax: the 16-bit forward's two-pass softmax through shared memory, as
-  // PKA_FWD_SMEM_SOFTMAX=1 (float32 always takes it).
-  m.def("fwd", &fwd, pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("ak"),
-        pybind11::arg("av"), pybind11::arg("lengths"), pybind11::arg("scale"),
-        pybind11::arg("dropout_p"), pybind11::arg("seed"), pybind11::arg("placement"),
-        pybind11::arg("warps"), pybind11::arg("smem_softmax") = false);
-  m.def("bwd", &bwd);
+  // smem_scores: the 16-bit kernels' scores and probabilities through shared memory (WMMA), as
+  // PKA_SMEM_SCORES=1 (float32 always works that way).
+  namespace py = pybind11;
+  m.def("fwd", &fwd, py::arg("q"), py::arg("k"), py::arg("v"), py::arg("ak"), py::arg("av"),
+        py::arg("lengths"), py::arg("scale"), py::arg("dropout_p"), py::arg("seed"),
+        py::arg("placement"), py::arg("warps"), py::arg("smem_scores") = false);
+  m.def("bwd", &bwd, py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("ak"),
+        py::arg("av"), py::arg("lengths"), py::arg("out"), py::arg("lse"), py::arg("scale"),
+        py::arg("dropout_p"), py::arg("seed"), py::arg("placement"), py::arg("warps"),
+        py::arg("smem_scores") = false);
   m.def("smem_bytes", &smem_bytes);
   m.def("fwd_plan", &fwd_plan_of);
   m.def("bwd_plan", &bwd_plan_of);

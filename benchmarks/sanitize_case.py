@@ -7,7 +7,8 @@ Covers float32 / bfloat16 / float16, head dims 16 and 64 (128 without --small), 
 per-head kernels, dropout, empty and full sequences, and the placements of the block buffers that
 long sequences get (all or the least used of them in the global workspace: forced with
 PKA_FUSED_WORKSPACE=1 / split on short sequences; without --small also long sequences whose
-buffers do not all fit in shared memory).
+buffers do not all fit in shared memory), and both places of the 16-bit scores (mma.sync
+registers, the default; shared memory with PKA_SMEM_SCORES=1).
 """
 
 from __future__ import annotations
@@ -51,6 +52,11 @@ def main():
         case(2, 2, 40, 64, torch.bfloat16, False, [40, 17], 0.1)
         case(2, 1, 37, 16, torch.float32, True, [30, 37], 0.0)
     del os.environ["PKA_FUSED_WORKSPACE"]
+    # The 16-bit scores through shared memory (WMMA), the path PKA_SMEM_SCORES=1 selects.
+    os.environ["PKA_SMEM_SCORES"] = "1"
+    case(3, 2, 37, 64, torch.bfloat16, False, [37, 0, 20], 0.2)
+    case(2, 2, 40, 16, torch.float16, True, [40, 17], 0.0)
+    del os.environ["PKA_SMEM_SCORES"]
     if not args.small:
         case(1, 1, 400, 64, torch.bfloat16, False, [390], 0.1)
         case(1, 1, 900, 64, torch.bfloat16, False, [850], 0.1)

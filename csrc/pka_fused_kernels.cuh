@@ -1198,7 +1198,7 @@ __device__ __forceinline__ void grad_elem(const Params<T>& p, const Seq& q, int 
                                           float& ds) {
   pz = ds = 0.f;
   if (i < q.L && j <= i) {
-    const float prob = exp2f(s * p.scale * kLog2e - l2);
+    const float prob = exp2f(s * (p.scale * kLog2e) - l2);  // as score_grads
     const float z = !p.dropout ? 1.f : (dropout_keep(key, q.s + j, p.threshold) ? p.keep_scale : 0.f);
     pz = prob * z;
     ds = prob * (z * dp - di) * p.scale;

@@ -241,24 +241,15 @@ __device__ __forceinline__ uint32_t pack2(float a, float b) {
   return u;
 }
 
-// The bits of one 16-bit element, and of two adjacent ones (4-byte aligned), in single loads.
-template <typename T>
-__device__ __forceinline__ uint32_t bits16(const T* p) {
+// The bits of one 16-bit element (U = uint16_t) or of two adjacent ones (uint32_t, 4-byte
+// aligned) in a single load.
+template <typename U, typename T>
+__device__ __forceinline__ uint32_t load_bits(const T* p) {
 #if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const uint16_t*>(p);
+  return *reinterpret_cast<const U*>(p);
 #else
-  uint16_t u;
-  std::memcpy(&u, p, 2);
-  return u;
-#endif
-}
-template <typename T>
-__device__ __forceinline__ uint32_t bits32(const T* p) {
-#if defined(__CUDA_ARCH__)
-  return *reinterpret_cast<const uint32_t*>(p);
-#else
-  uint32_t u;
-  std::memcpy(&u, p, 4);
+  U u;
+  std::memcpy(&u, p, sizeof(U));
   return u;
 #endif
 }
@@ -322,10 +313,10 @@ __device__ __forceinline__ void load_x4(uint32_t (&r)[4], const T* p, int ld) {
   for (int m = 0; m < 4; ++m) {
     const T* o = origin(m);
     if constexpr (TRANS) {
-      r[m] = bits16(o + static_cast<size_t>(2 * t) * ld + g) |
-             bits16(o + static_cast<size_t>(2 * t + 1) * ld + g) << 16;
+      r[m] = load_bits<uint16_t>(o + static_cast<size_t>(2 * t) * ld + g) |
+             load_bits<uint16_t>(o + static_cast<size_t>(2 * t + 1) * ld + g) << 16;
     } else {
-      r[m] = bits32(o + static_cast<size_t>(g) * ld + 2 * t);  // 4-byte aligned: ld, 2t even
+      r[m] = load_bits<uint32_t>(o + static_cast<size_t>(g) * ld + 2 * t);  // ld, 2t even
     }
   }
 }
@@ -795,6 +786,35 @@ struct TileInFlight {
   }
 };
 
+// The query and dout tiles of pass 1's pairs (query tiles kt, kt + 1, ... of a key tile), staged
+// into the warp's Qs and dOs one pair at a time: every pair restages both, so where a tile fits in
+// a lane's registers the next pair's are fetched while this one is computed. One warp.
+template <typename T, int D>
+struct PairTiles {
+  using Ahead = TileInFlight<T, D>;
+  const T *qg, *dog;  // the sequence's q and dout rows
+  Ahead next_q, next_do;
+  __device__ void first(const Seq& q, int qt) {
+    if constexpr (Ahead::kFits) {
+      next_q.fetch(qg, q, qt);
+      next_do.fetch(dog, q, qt);
+    }
+  }
+  __device__ void stage(const Seq& q, int qt, T* Qs, T* dOs) {
+    if constexpr (Ahead::kFits) {
+      next_q.put(Qs);
+      next_do.put(dOs);
+      if (qt + 1 < q.nt) {
+        next_q.fetch(qg, q, qt + 1);
+        next_do.fetch(dog, q, qt + 1);
+      }
+    } else {
+      stage_tile<T, D>(qg, q, qt, Qs);
+      stage_tile<T, D>(dog, q, qt, dOs);
+    }
+  }
+};
+
 // Writes accumulator fragment `acc` (rows 16 t ..., columns c0 ... c0 + 15) times the per-row
 // factor `mul` (lane (r, half) holds row r's) to g[s + row, :] (row pitch D) for rows < L,
 // through the warp's fp32 scratch `tile` (16 x 16). One warp.
@@ -891,6 +911,40 @@ __device__ void over_scores(const TileFrags<T, D>& fq, const T* K, int last, flo
   }
 }
 
+// acc (16 rows x D, mma.sync C layout: D / 8 column blocks), its rows g and g + 8 times mul[0] and
+// mul[1], into the 16 rows of dst (pitch ld) as T, in pairs. One warp.
+template <typename T, int D>
+__device__ void put_acc(const float (&acc)[D / 8][4], T* dst, int ld,
+                        const float (&mul)[2] = {1.f, 1.f}) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < D / 8; ++n)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      store2(dst + (g + 8 * h) * ld + n * 8 + 2 * t, acc[n][2 * h] * mul[h], acc[n][2 * h + 1] * mul[h]);
+}
+
+// Rows r of tile qt with 16 qt + r < L of acc (times mul, as put_acc) to g[s + 16 qt + r, :] (row
+// pitch D), through the warp's scratch tile (16 x ld; free once every lane is past the barrier
+// here), in 16-byte stores. 16-bit types. One warp.
+template <typename T, int D>
+__device__ void write_acc_rows(const float (&acc)[D / 8][4], const float (&mul)[2], T* scratch,
+                               const Seq& q, int qt, T* g) {
+  constexpr int LD = Smem<T, D>::ld, CPR = D * static_cast<int>(sizeof(T)) / 16;  // chunks per row
+  const int lane = threadIdx.x & 31;
+  __syncwarp();
+  put_acc<T, D>(acc, scratch, LD, mul);
+  __syncwarp();
+  for (int idx = lane; idx < 16 * CPR; idx += 32) {
+    const int r = idx / CPR, c = idx - r * CPR, row = qt * 16 + r;
+    if (row >= q.L) continue;
+    Chunk ch;
+    ld16(scratch + r * LD + c * 8, ch);
+    st16(g + static_cast<size_t>(q.s + row) * D + c * 8, ch);
+  }
+  __syncwarp();  // the next tile is staged into the scratch
+}
+
 // One warp's query tile qt (staged in Qs) through its visible keys, 16 at a time, on registers:
 // S = Q K^T by mma.sync, the online softmax (running row maxima m, sums l, the output rescaled when
 // a maximum grows) on the accumulators, P packed into the A operand of P V. Writes the tile's
@@ -982,21 +1036,7 @@ __device__ void attend_registers(const Params<T>& p, const Seq& q, int qt, const
     inv[h] = ok[h] ? 1.f / l[h] : 0.f;
     if (t == 0 && ok[h]) lse[q.s + i[h]] = (m[h] + log2f(l[h])) * kLn2;
   }
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      store2(Qs + (g + 8 * h) * LD + n * 8 + 2 * t, o[n][2 * h] * inv[h], o[n][2 * h + 1] * inv[h]);
-  __syncwarp();
-  constexpr int CPR = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks per row
-  for (int idx = lane; idx < 16 * CPR; idx += 32) {
-    const int r = idx / CPR, c = idx - r * CPR, row = qt * 16 + r;
-    if (row >= q.L) continue;
-    Chunk ch;
-    ld16(Qs + r * LD + c * 8, ch);
-    st16(out + static_cast<size_t>(q.s + row) * D + c * 8, ch);
-  }
-  __syncwarp();  // the next tile is staged into Qs
+  write_acc_rows<T, D>(o, inv, Qs, q, qt, out);
 }
 
 template <typename T, int D, int W>
@@ -1146,18 +1186,6 @@ __device__ void score_grads(const Params<T>& p, const Seq& q, int qt, int kt, co
 // probabilities and score gradients of a 16 x 16 pair are formed on mma.sync accumulators and used
 // there as operands, never stored.
 
-// acc (16 rows x D, mma.sync C layout: D / 8 column blocks) into rows r < 16 of dst (pitch ld) as
-// T, in pairs. One warp.
-template <typename T, int D>
-__device__ void put_acc(const float (&acc)[D / 8][4], T* dst, int ld) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-#pragma unroll
-  for (int n = 0; n < D / 8; ++n)
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-      store2(dst + (g + 8 * h) * ld + n * 8 + 2 * t, acc[n][2 * h], acc[n][2 * h + 1]);
-}
-
 // c[2][4] = X Y^T for the 16-row tiles X (A operand, rows 16 x D at x) and Y (16 rows at y): two
 // 8-column blocks of C. Both row-major with pitch ld. One warp.
 template <typename T, int D>
@@ -1222,26 +1250,10 @@ __device__ void key_tile_grads(const Params<T>& p, const Seq& q, int kt, const T
     for (int e = 0; e < 4; ++e) gk[n][e] = gv[n][e] = 0.f;
   const T* Kt = K + static_cast<size_t>(kt) * 16 * LD;
   const T* Vt = V + static_cast<size_t>(kt) * 16 * LD;
-  // Every pair restages a query and a dout tile: the next pair's are fetched while this one is
-  // computed.
-  using Ahead = TileInFlight<T, D>;
-  Ahead next_q, next_do;
-  if constexpr (Ahead::kFits) {
-    next_q.fetch(p.q + base, q, kt);
-    next_do.fetch(dout, q, kt);
-  }
+  PairTiles<T, D> tiles{p.q + base, dout};
+  tiles.first(q, kt);
   for (int qt = kt; qt < q.nt; ++qt) {
-    if constexpr (Ahead::kFits) {
-      next_q.put(Qs);
-      next_do.put(dOs);
-      if (qt + 1 < q.nt) {
-        next_q.fetch(p.q + base, q, qt + 1);
-        next_do.fetch(dout, q, qt + 1);
-      }
-    } else {
-      stage_tile<T, D>(p.q + base, q, qt, Qs);
-      stage_tile<T, D>(dout, q, qt, dOs);
-    }
+    tiles.stage(q, qt, Qs, dOs);
     __syncwarp();
     float st[2][4], dpt[2][4];  // rows: keys 16 kt + g (+ 8); columns: queries 16 qt + 8 nb + 2t (+ 1)
     tile_xyt<T, D>(st, Kt, Qs, LD);
@@ -1295,18 +1307,8 @@ __device__ void query_tile_grads(const Params<T>& p, const Seq& q, int qt, const
       }
     acc_pz<T, D>(gq, dp, K + static_cast<size_t>(kt) * 16 * LD, LD);  // dp now holds dS
   }
-  __syncwarp();  // every lane is done with Qs
-  put_acc<T, D>(gq, Qs, LD);
-  __syncwarp();
-  constexpr int CPR = D * static_cast<int>(sizeof(T)) / 16;  // 16-byte chunks per row
-  for (int idx = lane; idx < 16 * CPR; idx += 32) {
-    const int r = idx / CPR, c = idx - r * CPR, row = qt * 16 + r;
-    if (row >= q.L) continue;
-    Chunk ch;
-    ld16(Qs + r * LD + c * 8, ch);
-    st16(dq + static_cast<size_t>(q.s + row) * D + c * 8, ch);
-  }
-  __syncwarp();  // the next tile is staged into Qs
+  const float one[2] = {1.f, 1.f};
+  write_acc_rows<T, D>(gq, one, Qs, q, qt, dq);
 }
 
 template <typename T, int D, int W>
@@ -1390,26 +1392,10 @@ __global__ void __launch_bounds__(32 * W) pka_bwd_kernel(const Params<T> p) {
       M::zero(gk[c]);
       M::zero(gv[c]);
     }
-    // Every pair restages a query and a dout tile: the next pair's are fetched while this one
-    // is computed.
-    using Ahead = TileInFlight<T, D>;
-    Ahead next_q, next_do;
-    if constexpr (Ahead::kFits) {
-      next_q.fetch(p.q + base, q, kt);
-      next_do.fetch(dout, q, kt);
-    }
+    PairTiles<T, D> tiles{p.q + base, dout};
+    tiles.first(q, kt);
     for (int qt = kt; qt < q.nt; ++qt) {
-      if constexpr (Ahead::kFits) {
-        next_q.put(Qs);
-        next_do.put(dOs);
-        if (qt + 1 < q.nt) {
-          next_q.fetch(p.q + base, q, qt + 1);
-          next_do.fetch(dout, q, qt + 1);
-        }
-      } else {
-        stage_tile<T, D>(p.q + base, q, qt, Qs);
-        stage_tile<T, D>(dout, q, qt, dOs);
-      }
+      tiles.stage(q, qt, Qs, dOs);
       __syncwarp();
       score_grads<T, D>(p, q, qt, kt, Qs, dOs, K, V, lse2, delta, rowkey, Sf, dPf, PZ, dS);
       mma_row<true, T, D>(gv, PZ, LT, dOs, LD);

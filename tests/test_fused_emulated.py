@@ -3,9 +3,10 @@
 ``tests/cuda_emu`` compiles ``csrc/pka_fused_kernels.cuh`` as plain C++: every block runs as 128
 threads with real barriers for __syncthreads / __syncwarp, shuffles through shared slots, NaN-filled
 shared memory and NaN-poisoned outputs. float32 runs its CUDA-core tile products as on the device;
-a bfloat16 stand-in runs the kernels' WMMA code against a model of the 16x16x16 fragments that
-checks their alignment and leading-dimension rules. This checks the kernels on machines without a
-GPU; the real tensor-core instructions and performance need the device (tests/test_cuda_fused.py).
+bfloat16 and float16 stand-ins run the kernels' WMMA and mma.sync / ldmatrix code against models of
+the fragments (their per-lane layouts, alignment and leading-dimension rules). This checks the
+kernels on machines without a GPU; the real tensor-core instructions and performance need the
+device (tests/test_cuda_fused.py).
 Built with ThreadSanitizer, the same emulation checks for races (test_emulated_kernels_are_race_free).
 """
 
@@ -226,20 +227,26 @@ def rel_l2(x, ref):
     return ((x.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,placement,warps,smem_scores", [
-    (40, 32, False, [40, 17], 0.0, "smem", 8, False),
-    (70, 16, True, [70, 0], 0.2, "split", 4, False),
-    (70, 16, True, [70, 0], 0.2, "split", 4, True),
-    (33, 64, False, [33, 30], 0.0, "workspace", 8, False),
-    (20, 128, True, [20, 9], 0.1, "smem", 4, False),
-    (20, 128, True, [20, 9], 0.1, "workspace", 4, True),
-    (200, 64, False, [200, 137, 61], 0.0, "smem", 8, False),  # the benchmarks' headline T and d
+BF16, F16 = torch.bfloat16, torch.float16
+
+
+@pytest.mark.parametrize("T,d,per_head,lengths,dropout_p,placement,warps,smem_scores,dtype", [
+    (40, 32, False, [40, 17], 0.0, "smem", 8, False, BF16),
+    (70, 16, True, [70, 0], 0.2, "split", 4, False, BF16),
+    (70, 16, True, [70, 0], 0.2, "split", 4, True, BF16),
+    (33, 64, False, [33, 30], 0.0, "workspace", 8, False, BF16),
+    (20, 128, True, [20, 9], 0.1, "smem", 4, False, BF16),
+    (20, 128, True, [20, 9], 0.1, "workspace", 4, True, BF16),
+    (200, 64, False, [200, 137, 61], 0.0, "smem", 8, False, BF16),  # the benchmarks' headline T, d
+    (40, 32, True, [40, 17], 0.1, "smem", 4, False, F16),
+    (33, 64, False, [33, 30], 0.0, "workspace", 8, False, F16),
+    (70, 16, False, [70, 0], 0.2, "split", 8, True, F16),
 ])
-def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placement, warps,
-                                smem_scores):
-    """The 16-bit path (shared-memory layout, roundings, WMMA tile products on the fragment model):
-    error vs float64 at most 2x that of the same-dtype baseline (matmul + SDPA, or python_ref with
-    dropout)."""
+def test_emulated_16bit_path(emu, T, d, per_head, lengths, dropout_p, placement, warps,
+                             smem_scores, dtype):
+    """The 16-bit paths (shared-memory layout, roundings, WMMA and mma.sync tile products on the
+    fragment models), bfloat16 and float16: error vs float64 at most 2x that of the same-dtype
+    baseline (matmul + SDPA, or python_ref with dropout)."""
     import sys
 
     sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -248,9 +255,9 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placeme
     B, H = len(lengths), 2
     x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T + d)
     seed = 77 if dropout_p > 0 else 0
-    x16 = [t.to(torch.bfloat16).contiguous() for t in x64]
+    x16 = [t.to(dtype).contiguous() for t in x64]
     exact_in = [t.double() for t in x16]
-    dout16 = dout64.to(torch.bfloat16)
+    dout16 = dout64.to(dtype)
     kw = dict(dropout_p=dropout_p, seed=seed if dropout_p > 0 else None)
 
     def fwd_bwd(fn, xs, dout):
@@ -266,7 +273,7 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placeme
     out, lse, _ = emu.fwd(*x16, lens, d**-0.5, dropout_p, seed, placement, warps, smem_scores)
     grads = emu.bwd(dout16.contiguous(), *x16, lens, out, lse, d**-0.5, dropout_p, seed, placement,
                     warps, smem_scores)
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    assert out.dtype == dtype and lse.dtype == torch.float32
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
     e, eb = rel_l2(out, out_e), rel_l2(out_b, out_e)
     assert e <= 2 * eb + 1e-6, f"out: emulated {e:.3e} vs baseline {eb:.3e}"
@@ -276,8 +283,8 @@ def test_emulated_bfloat16_path(emu, T, d, per_head, lengths, dropout_p, placeme
         assert e <= 2 * eb + 1e-6, f"d{name}: emulated {e:.3e} vs baseline {eb:.3e}"
 
 
-# Every CASES launch plus the headline T and d at both block sizes, in float32 (CUDA-core products)
-# and bfloat16 (the WMMA path).
+# Every CASES launch plus the headline T and d at both block sizes, in float32 (CUDA-core products),
+# bfloat16 and float16 (tensor-core paths).
 RACE_CASES = CASES + [(1, 2, 200, 64, False, [200], 0.1, "smem", 8),
                       (2, 1, 200, 64, True, [200, 90], 0.0, "smem", 4)]
 
@@ -298,10 +305,12 @@ def race_check_main():
     emu = build_emu(thread_sanitizer=True)
     for B, H, T, d, per_head, lengths, dropout_p, placement, warps in RACE_CASES:
         x64, lens, dout64 = make_case(B, H, T, d, per_head, lengths, seed=T + d + B)
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
             x = [t.to(dtype).contiguous() for t in x64]
-            # bfloat16 runs both score paths (float32 has only the shared-memory one).
-            for smem_scores in (True, False) if dtype == torch.bfloat16 else (True,):
+            # bfloat16 runs both score paths, float32 has only the shared-memory one, and float16
+            # the register one (its shared-memory path is bfloat16's with another element type).
+            paths = {torch.float32: (True,), torch.bfloat16: (True, False), torch.float16: (False,)}
+            for smem_scores in paths[dtype]:
                 out, lse, _ = emu.fwd(*x, lens, d**-0.5, dropout_p, 5, placement, warps, smem_scores)
                 grads = emu.bwd(dout64.to(dtype).contiguous(), *x, lens, out, lse, d**-0.5, dropout_p,
                                 5, placement, warps, smem_scores)
@@ -330,4 +339,4 @@ def test_emulated_kernels_are_race_free():
     report = run.stderr.find("WARNING: ThreadSanitizer")
     assert report < 0, run.stderr[report:report + 3000]
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.stdout.count("case ok") == 2 * len(RACE_CASES)
+    assert run.stdout.count("case ok") == 3 * len(RACE_CASES)

@@ -1,8 +1,9 @@
 // Runs the fused kernels' device code on the CPU through emu.h, for float32 (CUDA-core tile
-// products, as on the device) and for a bfloat16 stand-in (bf16e: same bits as torch.bfloat16,
-// round-to-nearest-even) whose tile products go through the kernels' WMMA code on the wmma_emu.h
-// model, so that the 16-bit path runs as compiled for the device: shared-memory layout, fragment
-// alignment, operand layouts and roundings. Built by tests/test_fused_emulated.py.
+// products, as on the device) and for bfloat16 and float16 stand-ins (bf16e, f16e: the same bits
+// as torch.bfloat16 / torch.float16, round-to-nearest-even) whose tile products go through the
+// kernels' WMMA and mma.sync code on the wmma_emu.h model, so that the 16-bit paths run as
+// compiled for the device: shared-memory layout, fragment alignment, operand layouts and
+// roundings. Built by tests/test_fused_emulated.py.
 #include <torch/extension.h>
 
 #include <cstring>
@@ -35,6 +36,17 @@ inline bf16e from_f<bf16e>(float x) {
   if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};  // NaN stays NaN
   u += 0x7fffu + ((u >> 16) & 1u);                          // round to nearest even
   return {static_cast<uint16_t>(u >> 16)};
+}
+
+struct f16e {
+  uint16_t bits;
+};
+
+inline float to_f(f16e x) { return static_cast<float>(c10::Half(x.bits, c10::Half::from_bits())); }
+
+template <>
+inline f16e from_f<f16e>(float x) {
+  return {c10::Half(x).x};  // round to nearest even, as __float2half_rn
 }
 
 }  // namespace pka::fused
@@ -187,7 +199,9 @@ std::tuple<Tensor, Tensor, int64_t> fwd(Tensor q, Tensor k, Tensor v, Tensor ak,
   const Placement pl = placement_of(placement);
   if (q.scalar_type() == at::kBFloat16)
     return fwd_impl<bf16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_scores);
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
+  if (q.scalar_type() == at::kHalf)
+    return fwd_impl<f16e>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_scores);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32, bfloat16 or float16");
   return fwd_impl<float>(q, k, v, ak, av, lengths, scale, dropout_p, seed, pl, warps, smem_scores);
 }
 
@@ -202,7 +216,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> bwd(Tensor dout, Tensor q, Te
   if (q.scalar_type() == at::kBFloat16)
     return bwd_impl<bf16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
                            warps, smem_scores);
-  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32 or bfloat16");
+  if (q.scalar_type() == at::kHalf)
+    return bwd_impl<f16e>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
+                          warps, smem_scores);
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "emulated kernels take float32, bfloat16 or float16");
   return bwd_impl<float>(dout, q, k, v, ak, av, lengths, out, lse, scale, dropout_p, seed, pl,
                          warps, smem_scores);
 }

@@ -223,14 +223,15 @@ __device__ void mma_row(typename Mma<T>::Acc (&acc)[D / 16], const T* a, int lda
 }
 
 // Register-level tensor-core products (mma.sync m16n8k16, operands through ldmatrix) for the
-// forward's attention: its online softmax must know which row each accumulator element belongs to,
-// which WMMA keeps opaque. Layouts are the PTX ISA's; lane l is thread t = l % 4 of group
-// g = l / 4, and a 32-bit register holds two 16-bit elements, the lower-indexed in its low half:
+// 16-bit attention, forward and backward: the softmax and the score gradients must know which row
+// each accumulator element belongs to, which WMMA keeps opaque. Layouts are the PTX ISA's; lane l
+// is thread t = l % 4 of group g = l / 4, and a 32-bit register holds two 16-bit elements, the
+// lower-indexed in its low half:
 //   A, 16 x 16 row-major:  {(g, 2t..2t+1), (g+8, 2t..), (g, 2t+8..), (g+8, 2t+8..)}
 //   B, 16 x 8 (k x n):     {(k = 2t..2t+1, n = g), (k = 2t+8.., n = g)}
 //   C, 16 x 8 fp32:        {(g, 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)}
-// So the scores of two adjacent 8-key blocks (C) are, packed in pairs, the A operand of the
-// product with V: the probabilities never leave registers.
+// So the C blocks of two adjacent 8-column blocks are, packed in pairs, the A operand of the next
+// product (P V; the backward's (P Z)^T dO, dS^T Q, dS K): probabilities never leave registers.
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float a, float b) {
   struct alignas(4) Pair {
@@ -288,7 +289,8 @@ __device__ __forceinline__ void load_x4(uint32_t (&r)[4], const T* p, int ld) {
   };
 #if defined(__CUDA_ARCH__)
   if (__isShared(p)) {
-    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(origin(lane >> 3) + (lane & 7) * ld));
+    const T* row = origin(lane >> 3) + (lane & 7) * ld;  // lane 8 m + k: row k of matrix m
+    const unsigned addr = static_cast<unsigned>(__cvta_generic_to_shared(row));
     if constexpr (TRANS) {
       asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
                    : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])

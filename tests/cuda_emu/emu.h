@@ -4,9 +4,9 @@
 // Each block runs as one std::thread per CUDA thread (128 or 256), sharing one "shared memory"
 // buffer (filled with NaN bytes first, so reading anything not written shows up); __syncthreads is
 // a barrier over the block, __syncwarp a barrier over the 32 threads of a warp, __shfl_xor_sync an
-// exchange through per-warp slots between two warp barriers (so are wmma_emu.h's mma.sync and
-// ldmatrix), atomicAdd an atomic_ref add. Blocks
-// run one after another. A divergent barrier deadlocks here, as it is undefined on the device.
+// exchange through per-lane slots between two warp barriers (so are wmma_emu.h's mma.sync and
+// ldmatrix), atomicAdd an atomic_ref add. Blocks run one after another. A divergent barrier
+// deadlocks here, as it is undefined on the device.
 #pragma once
 
 #include <atomic>
@@ -33,9 +33,13 @@ struct dim3 {
 
 namespace pka_emu {
 
+// 64-bit exchange slots per lane: the most a warp-collective model posts (mma.sync: four A and two
+// B registers).
+constexpr unsigned kSlots = 6;
+
 struct BlockState {
   explicit BlockState(unsigned threads, size_t smem_bytes)
-      : block(threads), shfl(threads), xchg(threads * 6), smem_size(smem_bytes + 128) {
+      : block(threads), xchg(threads * kSlots), smem_size(smem_bytes + 128) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
     storage.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (smem_size + 127) / 128 * 128)));
     std::memset(storage.get(), 0xff, smem_size);  // NaN in every float and half lane
@@ -45,8 +49,7 @@ struct BlockState {
   };
   std::barrier<> block;
   std::vector<std::unique_ptr<std::barrier<>>> warps;
-  std::vector<float> shfl;
-  std::vector<uint64_t> xchg;  // per-lane slots of the warp-collective mma / ldmatrix models
+  std::vector<uint64_t> xchg;  // per-lane slots of the warp-collective operations
   size_t smem_size;
   std::unique_ptr<unsigned char, Free> storage;
 };
@@ -81,13 +84,21 @@ inline void __syncthreads() { ::pka_emu::current->block.arrive_and_wait(); }
 inline void __syncwarp(unsigned = 0xffffffffu) {
   ::pka_emu::current->warps[threadIdx.x / 32]->arrive_and_wait();
 }
+namespace pka_emu {
+// The calling warp's exchange slots: lane l's are [l * kSlots, (l + 1) * kSlots).
+inline uint64_t* warp_slots() { return current->xchg.data() + (threadIdx.x / 32) * 32 * kSlots; }
+}  // namespace pka_emu
 inline float __shfl_xor_sync(unsigned, float v, int lane_mask) {
-  float* slots = ::pka_emu::current->shfl.data() + (threadIdx.x / 32) * 32;
+  uint64_t* slots = ::pka_emu::warp_slots();
   const unsigned lane = threadIdx.x % 32;
-  slots[lane] = v;
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  slots[lane * ::pka_emu::kSlots] = bits;
   __syncwarp();
-  const float out = slots[lane ^ static_cast<unsigned>(lane_mask)];
+  bits = static_cast<uint32_t>(slots[(lane ^ static_cast<unsigned>(lane_mask)) * ::pka_emu::kSlots]);
   __syncwarp();
+  float out;
+  std::memcpy(&out, &bits, 4);
   return out;
 }
 // Whether p points into the block's shared memory (the device's __isShared).

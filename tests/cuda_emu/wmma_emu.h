@@ -122,10 +122,6 @@ void mma_sync(Acc& d, const fragment<matrix_a, 16, 16, 16, T, LA>& a,
 // slots, then reads the others' (the device's register exchange), between two warp barriers.
 namespace pka_emu {
 
-inline uint64_t* warp_slots() {
-  return current->xchg.data() + (threadIdx.x / 32) * 32 * 6;
-}
-
 // ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16: lane 8 m + k passes the address of row k of
 // 8 x 8 matrix m (16-byte aligned, in shared memory); r[m] receives that matrix's row g, elements
 // 2t and 2t + 1 (TRANS: column g, rows 2t and 2t + 1).
@@ -136,10 +132,10 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   nvcuda::wmma::detail::require(__isShared(row), "ldmatrix address not in shared memory");
   uint64_t* slots = warp_slots();
   const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  slots[lane * 6] = reinterpret_cast<std::uintptr_t>(row);
+  slots[lane * kSlots] = reinterpret_cast<std::uintptr_t>(row);
   __syncwarp();
   auto at = [&](unsigned m, unsigned k, unsigned e) {
-    return reinterpret_cast<const uint16_t*>(slots[(8 * m + k) * 6])[e];
+    return reinterpret_cast<const uint16_t*>(slots[(8 * m + k) * kSlots])[e];
   };
   for (unsigned m = 0; m < 4; ++m) {
     const uint32_t lo = TRANS ? at(m, 2 * t, g) : at(m, g, 2 * t);
@@ -157,11 +153,11 @@ template <typename T>
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   uint64_t* slots = warp_slots();
   const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int i = 0; i < 4; ++i) slots[lane * 6 + i] = a[i];
-  for (int i = 0; i < 2; ++i) slots[lane * 6 + 4 + i] = b[i];
+  for (int i = 0; i < 4; ++i) slots[lane * kSlots + i] = a[i];
+  for (int i = 0; i < 2; ++i) slots[lane * kSlots + 4 + i] = b[i];
   __syncwarp();
   auto elem = [&](unsigned owner, unsigned reg, unsigned half) {
-    const uint16_t bits = static_cast<uint16_t>(slots[owner * 6 + reg] >> (16 * half));
+    const uint16_t bits = static_cast<uint16_t>(slots[owner * kSlots + reg] >> (16 * half));
     T x;
     std::memcpy(&x, &bits, 2);
     return to_f(x);

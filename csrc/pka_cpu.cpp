@@ -15,7 +15,6 @@
 
 #include "pka_checks.h"
 #include "pka_dropout.h"
-#include "pka_mixing.h"
 
 namespace pka {
 namespace {
@@ -87,23 +86,58 @@ void softmax_rows(scalar_t* S, int64_t L, int64_t ld, int64_t s, int64_t b, int6
 // Short sequences: whole-batch products
 // ---------------------------------------------------------------------------------------------
 // For small T the per-(batch, head) products below are tiny and per-call overhead dominates, so
-// short sequences run the dense products as a few batched GEMMs over all (batch, head) pairs on
-// padded [B, H, T, *] tensors (padded rows zeroed first, so they contribute nothing), and the same
-// row functions on each pair's valid L x L block. Memory is B*H*T*T per score tensor, small
-// exactly when this path is chosen. (Measured on 2 cores, B=64, H=2, T=50: this path takes about
-// a third of the per-pair path's time; whole-tensor masked softmax / exp was slower than the row
-// loops, which touch only the visible triangle.)
+// short sequences run a few whole-batch products on padded [B, H, T, *] tensors, and the same row
+// functions on each pair's valid L x L block. The kernels are applied to the score-shaped side,
+// S = q (A_k k)^T = (q k^T) A_k^T and O = P (A_v v) = (P A_v) v, so that with a shared kernel each
+// mixing is one [B*H*T, T] x [T, T] GEMM on a contiguous tensor (no per-pair copies of A, no
+// transposes to a time-major layout), and for T <= d it is also the cheaper order. Padded rows of
+// k, v (and, in the backward, q and dout) are zeroed in the copies these products read, so padding
+// contributes nothing whatever it holds. Memory is a few B*H*T*T tensors, small exactly when this
+// path is chosen.
 constexpr int64_t kDenseMaxT = 64;
 
 bool use_dense(const Dims& d) { return d.T <= kDenseMaxT; }
 
-// bool [B, 1, T, 1]: true on padded rows (i < T - lengths[b]).
-Tensor padded_rows(const std::vector<int64_t>& lens, const Dims& d) {
-  Tensor pad = at::zeros({d.B, 1, d.T, 1}, at::kBool);
-  bool* p = pad.data_ptr<bool>();
-  for (int64_t b = 0; b < d.B; ++b)
-    for (int64_t i = 0; i < d.T - lens[b]; ++i) p[b * d.T + i] = true;
-  return pad;
+// Sets each sequence's padded rows (t < T - lengths[b]) of a contiguous [B, H, T, C] tensor to 0.
+template <typename scalar_t>
+void zero_padded_rows(Tensor& x, const std::vector<int64_t>& lens, const Dims& d) {
+  scalar_t* p = x.data_ptr<scalar_t>();
+  const int64_t C = x.size(3);
+  at::parallel_for(0, d.B * d.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh)
+      std::fill(p + bh * d.T * C, p + (bh * d.T + d.T - lens[bh / d.H]) * C, scalar_t(0));
+  });
+}
+
+// Contiguous copy of x [B, H, T, D] with the padded rows zeroed, in one pass over x.
+template <typename scalar_t>
+Tensor zero_padded_copy(const Tensor& x, const std::vector<int64_t>& lens, const Dims& d) {
+  const Tensor xc = x.contiguous();
+  Tensor y = at::empty_like(xc);
+  const scalar_t* src = xc.data_ptr<scalar_t>();
+  scalar_t* dst = y.data_ptr<scalar_t>();
+  const int64_t T = d.T, D = d.D;
+  at::parallel_for(0, d.B * d.H, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t pad = (T - lens[bh / d.H]) * D, base = bh * T * D;
+      std::fill(dst + base, dst + base + pad, scalar_t(0));
+      std::copy(src + base + pad, src + base + T * D, dst + base + pad);
+    }
+  });
+  return y;
+}
+
+// X A_h for every (batch, head) pair, X [B, H, T, T], A [Hk, T, T] (a view, transposes allowed).
+// With a shared kernel the batch folds into one GEMM; per-head kernels broadcast over the batch.
+Tensor times_kernel(const Tensor& X, const Tensor& A) {
+  return A.size(0) == 1 ? at::matmul(X, A[0]) : at::matmul(X, A);
+}
+
+void times_kernel_into(Tensor dst, const Tensor& X, const Tensor& A) {
+  if (A.size(0) == 1)
+    at::matmul_out(dst, X, A[0]);
+  else
+    at::matmul_out(dst, X, A);
 }
 
 // Everything of a pair's [T, T] matrix M outside the valid block [s:, s:] set to 0.
@@ -118,10 +152,10 @@ void forward_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                    const Tensor& av, const std::vector<int64_t>& lens, const Dims& d, double scale,
                    const Dropout& drop, Tensor& out, Tensor& lse) {
   const int64_t T = d.T;
-  const Tensor pad = padded_rows(lens, d);
-  const Tensor q0 = q.masked_fill(pad, 0), k0 = k.masked_fill(pad, 0);
-  const Tensor V = at::matmul(av, v.masked_fill(pad, 0));                     // [B, H, T, D]
-  Tensor S = at::matmul(q0, at::matmul(ak, k0).transpose(-1, -2)).contiguous();  // [B, H, T, T]
+  const Tensor k0 = zero_padded_copy<scalar_t>(k, lens, d);
+  const Tensor v0 = zero_padded_copy<scalar_t>(v, lens, d);
+  // Rows of padded queries are overwritten below, so q needs no zeroing. [B, H, T, T]
+  Tensor S = times_kernel(at::matmul(q, k0.transpose(-1, -2)), ak.transpose(-1, -2));
   scalar_t* Sp = S.data_ptr<scalar_t>();
   scalar_t* lp = lse.data_ptr<scalar_t>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
@@ -134,7 +168,8 @@ void forward_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
                              lp + bh * T + s);
     }
   });
-  at::matmul_out(out, S, V);  // padded rows of P are 0, so theirs in out are exactly 0
+  // padded rows of P are 0, so theirs in out are exactly 0
+  at::matmul_out(out, times_kernel(S, av), v0);
 }
 
 template <typename scalar_t>
@@ -265,6 +300,20 @@ void backward_cpu(const Tensor& dout, const Tensor& q, const Tensor& k, const Te
   });
 }
 
+// sum over the batch (and over heads when the kernel is shared) of X^T Y for X, Y [B, H, T, T],
+// lower triangle: the kernel gradient dA = sum G^T Y when the mixed tensor is A x.
+Tensor kernel_grad_dense(const Tensor& X, const Tensor& Y, const Dims& d, int64_t Hk) {
+  if (Hk == 1) {
+    const int64_t rows = d.B * d.H * d.T;
+    return at::mm(X.view({rows, d.T}).t(), Y.view({rows, d.T})).tril_().unsqueeze(0);
+  }
+  return at::matmul(X.transpose(-1, -2), Y).sum(0).tril_();
+}
+
+// The forward's reordering carried through: with S0 = q k^T and dP0 = dout v^T (padding zeroed),
+//   S = S0 A_k^T,  dP = dP0 A_v^T,  dq = (dS A_k) k,  dk = (dS A_k)^T q,  dv = (PZ A_v)^T dout,
+//   dA_k = sum dS^T S0,  dA_v = sum PZ^T dP0,
+// where dS and PZ come from the row function (both 0 outside each pair's valid block).
 template <typename scalar_t>
 void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                     const Tensor& ak, const Tensor& av, const Tensor& out, const Tensor& lse,
@@ -272,18 +321,20 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
                     const Dropout& drop, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& da_k,
                     Tensor& da_v) {
   const int64_t T = d.T, D = d.D;
-  const Tensor pad = padded_rows(lens, d);
-  const Tensor q0 = q.masked_fill(pad, 0), k0 = k.masked_fill(pad, 0), v0 = v.masked_fill(pad, 0);
-  const Tensor dout0 = dout.masked_fill(pad, 0);
-  const Tensor K = at::matmul(ak, k0), V = at::matmul(av, v0);
-  Tensor S = at::matmul(q0, K.transpose(-1, -2)).contiguous();
-  Tensor dP = at::matmul(dout0, V.transpose(-1, -2)).contiguous();
+  const Tensor q0 = zero_padded_copy<scalar_t>(q, lens, d);
+  const Tensor k0 = zero_padded_copy<scalar_t>(k, lens, d);
+  const Tensor v0 = zero_padded_copy<scalar_t>(v, lens, d);
+  const Tensor dout0 = zero_padded_copy<scalar_t>(dout, lens, d);
+  Tensor S0 = at::matmul(q0, k0.transpose(-1, -2));     // [B, H, T, T]
+  Tensor dP0 = at::matmul(dout0, v0.transpose(-1, -2));  // [B, H, T, T]
+  const Tensor S = times_kernel(S0, ak.transpose(-1, -2));
+  Tensor dP = times_kernel(dP0, av.transpose(-1, -2));
   Tensor PZ = at::empty_like(S);
   const scalar_t* Sp = S.data_ptr<scalar_t>();
   scalar_t *dPp = dP.data_ptr<scalar_t>(), *PZp = PZ.data_ptr<scalar_t>();
   const scalar_t* lp = lse.data_ptr<scalar_t>();
   const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* dop = dout.data_ptr<scalar_t>();
+  const scalar_t* dop = dout0.data_ptr<scalar_t>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H, L = lens[b], s = T - L;
@@ -295,15 +346,18 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
                                       b, h, static_cast<scalar_t>(scale), drop);
     }
   });
-  // dP now holds dS: 0 outside the valid blocks, like PZ; so dq's padded rows are 0.
-  at::matmul_out(dq, dP, K);
-  const Tensor dK = at::matmul(dP.transpose(-1, -2), q0);
-  const Tensor dV = at::matmul(PZ.transpose(-1, -2), dout0);
-  // tril(A)^T reaches back into the padding: mask dk, dv.
-  dk.copy_(at::matmul(ak.transpose(-1, -2), dK).masked_fill_(pad, 0));
-  dv.copy_(at::matmul(av.transpose(-1, -2), dV).masked_fill_(pad, 0));
-  da_k = kernel_grad(dK, k0, ak, d, d.Hk);
-  da_v = kernel_grad(dV, v0, av, d, d.Hv);
+  // dP now holds dS.
+  da_k = kernel_grad_dense(dP, S0, d, d.Hk);
+  da_v = kernel_grad_dense(PZ, dP0, d, d.Hv);
+  // S0 and dP0 are spent: their buffers take dS A_k and PZ A_v.
+  times_kernel_into(S0, dP, ak);
+  times_kernel_into(dP0, PZ, av);
+  at::matmul_out(dq, S0, k0);  // dS has zero padded rows, so dq's are 0
+  // (dS A_k) and (PZ A_v) reach back into padded columns: their rows of dk, dv are zeroed.
+  at::matmul_out(dk, S0.transpose(-1, -2), q0);
+  at::matmul_out(dv, dP0.transpose(-1, -2), dout0);
+  zero_padded_rows<scalar_t>(dk, lens, d);
+  zero_padded_rows<scalar_t>(dv, lens, d);
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(

@@ -1,5 +1,5 @@
-// Whole-batch mixing products on ATen tensors, shared by the CPU short-sequence path and the
-// unfused CUDA path.
+// Whole-batch mixing products on ATen tensors for the unfused CUDA path: time-major layouts, so that
+// a shared kernel mixes every (batch, head) in one GEMM.
 #pragma once
 
 #include <torch/types.h>

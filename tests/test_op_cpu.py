@@ -117,14 +117,25 @@ def test_padded_positions_exactly_zero():
             assert out[b, :, s:].abs().min() > 0
 
 
-def test_padded_inputs_do_not_leak():
-    q, k, v, a_k, a_v, lens = make_inputs(2, 2, 9, 4, lengths=[4, 9], requires_grad=False)
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("garbage", [1e6, float("nan"), float("inf")])
+def test_padded_inputs_do_not_leak(T, garbage):
+    """Whatever padded rows of q, k, v and dout hold, no output or gradient changes."""
+    lengths = [4, T]
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=lengths)
+    dout = torch.randn(2, 2, T, 4, dtype=q.dtype)
     out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
-    garbage = [t.clone() for t in (q, k, v)]
-    for t in garbage:
-        t[0, :, :5] = 1e6
-    out2 = pka_ext.pka_attention(*garbage, a_k, a_v, lens)
+    grads = torch.autograd.grad(out, (q, k, v, a_k, a_v), dout)
+    dirty = [t.detach().clone() for t in (q, k, v, dout)]
+    for t in dirty:
+        t[0, :, : T - lengths[0]] = garbage
+    q2, k2, v2 = (t.requires_grad_() for t in dirty[:3])
+    a_k2, a_v2 = (t.detach().clone().requires_grad_() for t in (a_k, a_v))
+    out2 = pka_ext.pka_attention(q2, k2, v2, a_k2, a_v2, lens)
+    grads2 = torch.autograd.grad(out2, (q2, k2, v2, a_k2, a_v2), dirty[3])
     assert torch.equal(out, out2)
+    for name, g, g2 in zip(("q", "k", "v", "a_k", "a_v"), grads, grads2):
+        assert torch.equal(g, g2), name
 
 
 def test_no_nan_or_inf_with_extreme_scores():

@@ -47,6 +47,18 @@ def _backward(ctx, dout, _dlse):
 torch.library.register_autograd("pka_ext::pka_fwd", _backward, setup_context=_setup_context)
 
 
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "pka_attention: gradients of its gradients (double backward, e.g. after "
+        "torch.autograd.grad(..., create_graph=True)) are not implemented by the compiled op; "
+        "python_ref.pka_attention (backend='reference' in the modules) supports them")
+
+
+# With create_graph=True the backward runs in grad mode: this registration runs pka_bwd below
+# autograd there, so first-order gradients work, and only differentiating them again raises.
+torch.library.register_autograd("pka_ext::pka_bwd", _no_double_backward)
+
+
 def seed_tensor(dropout_p: float, seed: int | None) -> torch.Tensor | None:
     """The op's seed argument: None without dropout, else a one-element int64 CPU tensor.
 

@@ -379,6 +379,22 @@ def test_opcheck(lengths_where, per_head, dropout_p, dtype):
                           (dout, q, k, v, a_k, a_v, lengths, out, lse, d**-0.5, dropout_p, seed))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_create_graph_gives_first_order_grads_and_refuses_double_backward(dtype):
+    B, H, T, d = 3, 2, 20, 16
+    inputs = [t.requires_grad_() for t in to(make_inputs(B, H, T, d, False, seed=5), DEVICE, dtype)]
+    lengths = make_lengths(B, T).to(DEVICE)
+    dout = torch.randn(B, H, T, d, device=DEVICE, dtype=dtype)
+    out = pka_ext.pka_attention(*inputs, lengths)
+    plain = torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    graph = torch.autograd.grad(out, inputs, dout, create_graph=True)
+    for g, h in zip(plain, graph):
+        assert h.requires_grad
+        assert_close(h, g, 1e-6 if dtype == torch.float32 else 1e-2, "create_graph vs plain")
+    with pytest.raises(RuntimeError, match="double backward.*python_ref"):
+        graph[0].sum().backward()
+
+
 def test_built_with_cuda():
     assert pka_ext.built_with_cuda()
 

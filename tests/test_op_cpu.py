@@ -195,6 +195,20 @@ def test_opcheck_forward_and_backward():
             torch.library.opcheck(torch.ops.pka_ext.pka_bwd, bwd_args)
 
 
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+def test_create_graph_gives_first_order_grads_and_refuses_double_backward(T):
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=[4, T])
+    inputs = (q, k, v, a_k, a_v)
+    dout = torch.randn(2, 2, T, 4, dtype=q.dtype)
+    out = pka_ext.pka_attention(*inputs, lens)
+    plain = torch.autograd.grad(out, inputs, dout, retain_graph=True)
+    graph = torch.autograd.grad(out, inputs, dout, create_graph=True)
+    for g, h in zip(plain, graph):
+        assert torch.equal(g, h) and h.requires_grad
+    with pytest.raises(RuntimeError, match="double backward.*python_ref"):
+        graph[0].sum().backward()
+
+
 def test_torch_compile_fullgraph():
     q, k, v, a_k, a_v, lens = make_inputs(2, 2, 8, 4, dtype=torch.float32)
 

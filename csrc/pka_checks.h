@@ -1,12 +1,21 @@
 // Argument validation shared by the CPU and CUDA implementations. Every message names the argument
 // and the shapes involved, because these checks are the last line of defence behind the Python layer.
+// Also the guard every entry point holds against autocast.
 #pragma once
 
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
 #include <cstdint>
 
 namespace pka {
+
+// The op computes in the dtype it is given. A custom op falls through autocast's dispatch keys
+// without leaving them, so without this guard the ATen products inside the kernels would be recast
+// to the autocast dtype (and then mismatch the kernels' own buffers).
+struct NoAutocast {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 struct Dims {
   int64_t B, H, T, D;

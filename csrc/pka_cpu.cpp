@@ -22,9 +22,19 @@ namespace {
 using at::Tensor;
 
 void check_cpu_dtype(const Tensor& q, const char* op) {
-  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kDouble, op,
-              " on CPU supports float32 and float64, got q of dtype ", q.scalar_type());
+  const auto t = q.scalar_type();
+  TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf, op,
+              " on CPU supports float32, float64, bfloat16 and float16, got q of dtype ", t);
 }
+
+// bfloat16 / float16 (CPU autocast) run the float32 kernels on upcast copies: the CPU has no
+// 16-bit GEMM worth using here, and one rounding of each result is more accurate than 16-bit
+// intermediates. lse stays float32, as on CUDA.
+bool is_16bit(const Tensor& t) {
+  return t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf;
+}
+
+Tensor to_float(const Tensor& t) { return t.to(at::kFloat); }
 
 // Lower triangle as [Hk, T, T]: mixing with it reads only j <= i, whatever the upper part holds.
 Tensor tril_heads(const Tensor& a) {
@@ -205,8 +215,14 @@ std::tuple<Tensor, Tensor> pka_fwd_cpu(const Tensor& q, const Tensor& k, const T
                                        const Tensor& a_k, const Tensor& a_v,
                                        const std::optional<Tensor>& lengths, double scale,
                                        double dropout_p, const std::optional<Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cpu_dtype(q, "pka_fwd");
+  if (is_16bit(q)) {
+    auto [out, lse] = pka_fwd_cpu(to_float(q), to_float(k), to_float(v), to_float(a_k),
+                                  to_float(a_v), lengths, scale, dropout_p, seed);
+    return {out.to(q.scalar_type()), lse};
+  }
   const auto lens = host_lengths(lengths, d);
   Tensor out = at::empty({d.B, d.H, d.T, d.D}, q.options());
   Tensor lse = at::empty({d.B, d.H, d.T}, q.options());
@@ -364,10 +380,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a_k,
     const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& lse,
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cpu_dtype(q, "pka_bwd");
-  // CPU keeps lse in the input dtype (float32 or float64).
-  check_backward_inputs(dout, out, lse, q, d, q.scalar_type());
+  // CPU keeps lse in the input dtype (float32 or float64), and in float32 for 16-bit inputs.
+  check_backward_inputs(dout, out, lse, q, d, is_16bit(q) ? at::kFloat : q.scalar_type());
+  if (is_16bit(q)) {
+    const auto dt = q.scalar_type();
+    auto [dq, dk, dv, da_k, da_v] =
+        pka_bwd_cpu(to_float(dout), to_float(q), to_float(k), to_float(v), to_float(a_k),
+                    to_float(a_v), lengths, to_float(out), lse, scale, dropout_p, seed);
+    return {dq.to(dt), dk.to(dt), dv.to(dt), da_k.to(dt), da_v.to(dt)};
+  }
   const auto lens = host_lengths(lengths, d);
   // Raw-pointer loops read these three; q, k, v go to at::mm_out, which takes any strides.
   const Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();

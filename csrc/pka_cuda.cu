@@ -314,6 +314,7 @@ std::tuple<Tensor, Tensor> pka_fwd_cuda(const Tensor& q, const Tensor& k, const 
                                         const Tensor& a_k, const Tensor& a_v,
                                         const std::optional<Tensor>& lengths, double scale,
                                         double dropout_p, const std::optional<Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cuda_dtype(q, "pka_fwd");
   c10::cuda::CUDAGuard device_guard(q.device());
@@ -351,6 +352,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a_k,
     const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& lse,
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
+  const NoAutocast no_autocast;
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
   check_cuda_dtype(q, "pka_bwd");
   check_backward_inputs(dout, out, lse, q, d, lse_dtype(q));

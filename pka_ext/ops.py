@@ -78,7 +78,8 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
     Parameters
     ----------
     q, k, v : Tensor
-        ``[B, H, T, d]``, any strides, one dtype and device (CPU: float32, float64).
+        ``[B, H, T, d]``, any strides, one dtype and device: float32, float64,
+        bfloat16 or float16 (on the CPU computed in float32).
     a_k, a_v : Tensor
         ``[T, T]`` shared by all heads or ``[H, T, T]`` per head; only the lower triangle (with the
         diagonal) is read, and the upper triangle gets zero gradient.

@@ -67,8 +67,8 @@ def test_bad_seed(seed):
 
 
 def test_unsupported_cpu_dtype_names_dtype():
-    args = [t.to(torch.bfloat16) if t is not None and t.is_floating_point() else t for t in good()]
-    with pytest.raises(RuntimeError, match="float32 and float64, got q of dtype BFloat16"):
+    args = [t.to(torch.float8_e4m3fn) if t is not None and t.is_floating_point() else t for t in good()]
+    with pytest.raises(RuntimeError, match="bfloat16 and float16, got q of dtype Float8_e4m3fn"):
         pka_ext.pka_attention(*args)
 
 

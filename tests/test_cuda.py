@@ -395,6 +395,19 @@ def test_create_graph_gives_first_order_grads_and_refuses_double_backward(dtype)
         graph[0].sum().backward()
 
 
+@pytest.mark.parametrize("unfused", [False, True], ids=["fused", "unfused"])
+def test_autocast_does_not_recast_inside_the_op(unfused, monkeypatch):
+    """float32 inputs under autocast: the op's own products (cuBLAS in the unfused path) stay float32."""
+    if unfused:
+        monkeypatch.setenv("PKA_CUDA_UNFUSED", "1")
+    inputs = to(make_inputs(2, 2, 20, 16, False, seed=6), DEVICE, torch.float32)
+    lengths = make_lengths(2, 20).to(DEVICE)
+    plain = pka_ext.pka_attention(*inputs, lengths)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        under = pka_ext.pka_attention(*inputs, lengths)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
 def test_built_with_cuda():
     assert pka_ext.built_with_cuda()
 

@@ -52,6 +52,42 @@ def test_float32_close_to_float64_reference():
     assert max_rel_err(out32, ref64) < 1e-5
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
+                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("per_head,dropout_p", [(False, 0.0), (True, 0.25)])
+def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
+    """bfloat16 / float16 on the CPU: each result is within a few roundings of the float64
+    reference run on the same (rounded) inputs, and lse is float32."""
+    args = make_inputs(3, 2, T, 16, per_head=per_head, lengths=[T, 0, T // 2])
+    low = [t.detach().to(dtype).requires_grad_() for t in args[:5]]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    lens = args[5]
+    out = pka_ext.pka_attention(*low, lens, dropout_p=dropout_p, seed=7)
+    ref = python_ref.pka_attention(*exact, lens, dropout_p=dropout_p, seed=7)
+    assert out.dtype == dtype
+    assert max_rel_err(out, ref) < tol
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    grads = torch.autograd.grad(out, low, g)
+    ref_grads = torch.autograd.grad(ref, exact, g.double())
+    for name, gr, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert gr.dtype == dtype, name
+        assert max_rel_err(gr, r) < tol, name
+    _, lse = torch.ops.pka_ext.pka_fwd(*(t.detach() for t in low), lens, 0.25, 0.0, None)
+    assert lse.dtype == torch.float32
+
+
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+def test_autocast_does_not_recast_inside_the_op(T):
+    """float32 inputs under CPU autocast: the op's own products stay float32."""
+    args = [t.detach().float() if t is not None and t.is_floating_point() else t
+            for t in make_inputs(2, 2, T, 8, lengths=[T, 3])]
+    plain = pka_ext.pka_attention(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = pka_ext.pka_attention(*args)
+    assert under.dtype == torch.float32 and torch.equal(under, plain)
+
+
 def test_dropout_mask_bit_identical_to_reference():
     # With q = 0 every visible key gets the same probability, and with v = I, a_v = I the output
     # row is that probability row, so the output's zero pattern is the dropout mask.
@@ -183,7 +219,7 @@ def test_gradcheck(per_head, dropout_p):
 
 def test_opcheck_forward_and_backward():
     for per_head, dropout_p, lengths in [(False, 0.0, None), (True, 0.3, "random"), (False, 0.1, "random")]:
-        for dtype in (torch.float32, torch.float64):
+        for dtype in (torch.float32, torch.float64, torch.bfloat16):
             q, k, v, a_k, a_v, lens = make_inputs(3, 2, 7, 4, per_head=per_head, dtype=dtype, lengths=lengths)
             seed = torch.tensor(42) if dropout_p > 0 else None
             fwd_args = (q, k, v, a_k, a_v, lens, 0.5, dropout_p, seed)

@@ -44,7 +44,7 @@ def phase_times(model, opt, x, y, cfg, args) -> dict[str, float]:
             marks.append(time.perf_counter())
 
         mark()
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp):
             h = model(x)
             mark()
             loss = head_loss(model, h, y, cfg, args.items) / (y != 0).sum()
@@ -69,7 +69,7 @@ def main():
     ap.add_argument("--items", type=int, default=12101)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    ap.add_argument("--amp", action="store_true", help="bfloat16 autocast")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -91,7 +91,7 @@ def main():
         opt = make_optimizer(model, cfg)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=args.amp):
+            with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp):
                 loss = next_item_loss(model, x, y, cfg, args.items) / (y != 0).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -71,7 +71,7 @@ def cpu_op_section(sweep) -> list[str]:
     return md
 
 
-def train_section(step, epoch) -> list[str]:
+def train_section(step, epoch, step_amp=None) -> list[str]:
     md = ["## Training: step and epoch time, PSA vs baselines (CPU)", ""]
     if step:
         a = step["args"]
@@ -100,6 +100,14 @@ def train_section(step, epoch) -> list[str]:
         fig.savefig(os.path.join(RESULTS, "speed_train_step_cpu.png"), dpi=110)
         plt.close(fig)
         md += ["", "![training step](speed_train_step_cpu.png)", ""]
+        if step_amp:
+            md += [f"Under bfloat16 autocast (`python benchmarks/bench_train_step.py --repeats "
+                   f"{step_amp['args']['repeats']} --amp`; machine: {describe(step_amp['machine'])}):", "",
+                   "| model | float32 ms / step | bf16 autocast ms / step | autocast vs float32 |",
+                   "|---|---|---|---|"]
+            md += [f"| {m} | {step['ms_per_step'][m]:.1f} | {t:.1f} | {t / step['ms_per_step'][m]:.2f}x |"
+                   for m, t in step_amp["ms_per_step"].items() if m in step["ms_per_step"]]
+            md.append("")
     else:
         md += ["Training step: not run (`python benchmarks/bench_train_step.py`).", ""]
     if epoch:
@@ -161,7 +169,7 @@ def main():
     sweep, step, epoch = _load("cpu_op_sweep"), _load("train_step_cpu"), _load("epoch_cpu")
     md = ["# Speed study", ""]
     md += cpu_op_section(sweep) if sweep else ["CPU op sweep: not run.", ""]
-    md += train_section(step, epoch)
+    md += train_section(step, epoch, _load("train_step_cpu_amp"))
     md += gpu_section()
     with open(os.path.join(RESULTS, "speed.md"), "w") as f:
         f.write("\n".join(md) + "\n")

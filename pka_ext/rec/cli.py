@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-eval-events", type=int, default=None)
     t.add_argument("--device", default="cpu")
     t.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for training (CUDA; evaluation stays float32)")
+                   help="bfloat16 autocast for training (evaluation stays float32)")
     t.add_argument("--name", default=None, help="data set name for metrics.json")
     t.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
     t.add_argument("--no-progress", action="store_true")

@@ -174,6 +174,16 @@ def test_padded_inputs_do_not_leak(T, garbage):
         assert torch.equal(g, g2), name
 
 
+@pytest.mark.parametrize("B,T", [(0, 5), (0, 70), (2, 0)])
+def test_empty_batch_or_sequence(B, T):
+    q, k, v, a_k, a_v, lens = make_inputs(B, 2, T, 4, lengths=[T] * B)
+    out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
+    assert out.shape == (B, 2, T, 4)
+    grads = torch.autograd.grad(out.sum(), (q, k, v, a_k, a_v))
+    for g, t in zip(grads, (q, k, v, a_k, a_v)):
+        assert g.shape == t.shape and not g.any()
+
+
 def test_no_nan_or_inf_with_extreme_scores():
     q, k, v, a_k, a_v, lens = make_inputs(3, 1, 20, 8, lengths=[0, 1, 20])
     with torch.no_grad():

@@ -1,7 +1,8 @@
 """CPU benchmark of the attention op: the compiled kernels vs python_ref vs matmul + SDPA.
 
-Times forward, backward and forward+backward (median of --repeats runs, one process, same thread
-count), and measures the peak memory of one forward+backward per implementation in a fresh
+Times forward, backward and forward+backward (median and quartiles of --repeats runs, one process,
+same thread count; every implementation and pass is called in turn in each round, so the machine's
+slow spells fall on all of them alike), and measures the peak memory of one forward+backward per implementation in a fresh
 subprocess: the growth of the process's peak resident set (VmHWM, reset through
 /proc/self/clear_refs) over its resident set just before the call, inputs already allocated.
 
@@ -21,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_impls import IMPLS, make_inputs  # noqa: E402
-from common import describe, machine_info, median_time, write_results  # noqa: E402
+from common import describe, interleaved_times, machine_info, quartiles, write_results  # noqa: E402
 
 
 def _status_kib(field: str) -> int:
@@ -53,37 +54,41 @@ def peak_memory(impl: str, B: int, H: int, T: int, d: int) -> float:
 def time_case(B, H, T, d, repeats):
     inputs = make_inputs(B, H, T, d)
     grad = torch.randn(B, H, T, d)
-    row = {"B": B, "H": H, "T": T, "d": d}
+    held = {}  # each implementation's output, kept for the backward-only timing
+
+    def clear_grads():
+        for t in inputs[:5]:
+            t.grad = None
+
+    fns = {}
     for name, fn in IMPLS.items():
-        def fwd():
+        def fwd(fn=fn):
             with torch.no_grad():
                 fn(*inputs)
 
-        def fwd_bwd():
+        def fwd_bwd(fn=fn):
             fn(*inputs).backward(grad)
-            for t in inputs[:5]:
-                t.grad = None
+            clear_grads()
 
-        out_holder = {}
+        def bwd_only(name=name):
+            held[name].backward(grad, retain_graph=True)
+            clear_grads()
 
-        def bwd_only():
-            out_holder["out"].backward(grad, retain_graph=True)
-            for t in inputs[:5]:
-                t.grad = None
-
-        out_holder["out"] = fn(*inputs)
-        row[name] = {
-            "fwd_ms": 1e3 * median_time(fwd, repeats=repeats),
-            "bwd_ms": 1e3 * median_time(bwd_only, repeats=repeats),
-            "fwd_bwd_ms": 1e3 * median_time(fwd_bwd, repeats=repeats),
-        }
-        del out_holder["out"]
+        held[name] = fn(*inputs)
+        fns[(name, "fwd")], fns[(name, "bwd")], fns[(name, "fwd_bwd")] = fwd, bwd_only, fwd_bwd
+    times = interleaved_times(fns, repeats=repeats)
+    held.clear()
+    row = {"B": B, "H": H, "T": T, "d": d}
+    for name in IMPLS:
+        row[name] = {f"{kind}_ms": 1e3 * quartiles(times[(name, kind)])[1] for kind in ("fwd", "bwd", "fwd_bwd")}
+        q1, _, q3 = quartiles(times[(name, "fwd_bwd")])
+        row[name]["fwd_bwd_iqr_ms"] = [1e3 * q1, 1e3 * q3]
     return row
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=15)
+    ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--sweep", action="store_true", help="T in {50,128,200,512} x d in {32,64}")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--heads", type=int, default=2)
@@ -112,10 +117,11 @@ def main():
         "",
         f"Machine: {describe(info)}.",
         f"Command: `python benchmarks/bench_cpu_op.py{' --sweep' if args.sweep else ''}`. fp32, "
-        f"B={args.batch}, H={args.heads}, lengths uniform in [1, T], median of {args.repeats} runs. "
+        f"B={args.batch}, H={args.heads}, lengths uniform in [1, T], median of {args.repeats} runs "
+        "(implementations interleaved round by round; fwd+bwd with its quartiles). "
         "Peak memory: growth of peak RSS during one fwd+bwd in a fresh process.",
         "",
-        "| T | d | impl | fwd ms | bwd ms | fwd+bwd ms | peak MiB | fwd+bwd speed-up of pka | pka peak / impl peak |",
+        "| T | d | impl | fwd ms | bwd ms | fwd+bwd ms (quartiles) | peak MiB | fwd+bwd speed-up of pka | pka peak / impl peak |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
@@ -126,7 +132,8 @@ def main():
             ratio = f"{row['pka']['peak_mib'] / mem:.2f}" if mem else "-"
             lines.append(
                 f"| {row['T']} | {row['d']} | {name} | {r['fwd_ms']:.2f} | {r['bwd_ms']:.2f} | "
-                f"{r['fwd_bwd_ms']:.2f} | {mem if mem is None else f'{mem:.1f}'} | {speed:.2f}x | {ratio} |"
+                f"{r['fwd_bwd_ms']:.2f} ({r['fwd_bwd_iqr_ms'][0]:.2f}-{r['fwd_bwd_iqr_ms'][1]:.2f}) | "
+                f"{mem if mem is None else f'{mem:.1f}'} | {speed:.2f}x | {ratio} |"
             )
     name = "cpu_op_sweep" if args.sweep else "cpu_op"
     write_results(name, {"machine": info, "rows": rows}, "\n".join(lines) + "\n", args.out)

@@ -47,6 +47,30 @@ def median_time(fn, *, repeats: int = 10, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def interleaved_times(fns: dict, *, repeats: int = 10, warmup: int = 2) -> dict:
+    """Wall times (seconds) of each fn in ``fns``, called in turn once per round.
+
+    Round-robin rather than one function after another, so that a slow spell of a shared machine
+    spreads over every function instead of landing on whichever ran then.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def quartiles(times: list) -> tuple:
+    """(25th percentile, median, 75th percentile) of a list of times."""
+    q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return q1, q2, q3
+
+
 def write_results(name: str, payload: dict, markdown: str, out_dir: str | None = None) -> None:
     out_dir = out_dir or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
     os.makedirs(out_dir, exist_ok=True)

@@ -37,10 +37,16 @@ def _pyplot():
     return plt
 
 
+def _with_iqr(r) -> str:
+    iqr = r.get("fwd_bwd_iqr_ms")
+    return f"{r['fwd_bwd_ms']:.2f}" + (f" ({iqr[0]:.2f}-{iqr[1]:.2f})" if iqr else "")
+
+
 def cpu_op_section(sweep) -> list[str]:
     md = ["## CPU op: forward, backward, forward + backward", "",
           f"Machine: {describe(sweep['machine'])}. Command: `python benchmarks/bench_cpu_op.py --sweep` "
-          "(fp32, B=64, H=2, lengths uniform in [1, T], median of repeated runs; peak memory = growth of "
+          "(fp32, B=64, H=2, lengths uniform in [1, T], median of repeated runs, fwd+bwd quartiles in "
+          "parentheses where recorded; peak memory = growth of "
           "peak RSS during one fwd+bwd in a fresh process). Full table: `cpu_op_sweep.md`.", "",
           "| T | d | pka fwd / bwd / fwd+bwd ms | composition fwd+bwd ms | python_ref fwd+bwd ms "
           "| speed-up vs composition | vs python_ref | peak MiB pka / composition / python_ref |",
@@ -48,8 +54,8 @@ def cpu_op_section(sweep) -> list[str]:
     for r in sweep["rows"]:
         p, c, ref = r["pka"], r["composition"], r["reference"]
         mem = " / ".join(f"{x.get('peak_mib', float('nan')):.0f}" for x in (p, c, ref))
-        md.append(f"| {r['T']} | {r['d']} | {p['fwd_ms']:.2f} / {p['bwd_ms']:.2f} / {p['fwd_bwd_ms']:.2f} | "
-                  f"{c['fwd_bwd_ms']:.2f} | {ref['fwd_bwd_ms']:.2f} | "
+        md.append(f"| {r['T']} | {r['d']} | {p['fwd_ms']:.2f} / {p['bwd_ms']:.2f} / {_with_iqr(p)} | "
+                  f"{_with_iqr(c)} | {_with_iqr(ref)} | "
                   f"{c['fwd_bwd_ms'] / p['fwd_bwd_ms']:.2f}x | {ref['fwd_bwd_ms'] / p['fwd_bwd_ms']:.2f}x | {mem} |")
     plt = _pyplot()
     ds = sorted({r["d"] for r in sweep["rows"]})

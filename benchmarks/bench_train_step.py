@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import describe, machine_info, median_time, write_results  # noqa: E402
+from common import describe, interleaved_times, machine_info, write_results  # noqa: E402
 
 from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
 from pka_ext.rec.models import SeqRecModel  # noqa: E402
@@ -82,15 +82,16 @@ def main():
     x = torch.from_numpy(seqs[:, :-1]).to(args.device)
     y = torch.from_numpy(seqs[:, 1:]).to(args.device)
     cfg = TrainConfig(device=args.device)
-    rows, phases = {}, {}
+    models, steps = {}, {}
     for name in ("psa", "sasrec", "nope", "rope"):
         torch.manual_seed(0)
         model = SeqRecModel(ModelConfig(model=name, num_items=args.items, hidden=args.hidden,
                                         num_blocks=args.blocks, num_heads=1, max_len=T,
                                         dropout=0.2)).to(args.device)
         opt = make_optimizer(model, cfg)
+        models[name] = (model, opt)
 
-        def step():
+        def step(model=model, opt=opt):
             with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=args.amp):
                 loss = next_item_loss(model, x, y, cfg, args.items) / (y != 0).sum()
             opt.zero_grad(set_to_none=True)
@@ -99,7 +100,12 @@ def main():
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
 
-        rows[name] = 1e3 * median_time(step, repeats=args.repeats, warmup=3)
+        steps[name] = step
+    # One step of each model in turn per round, so that the machine's slow spells fall on all alike.
+    times = interleaved_times(steps, repeats=args.repeats, warmup=3)
+    rows = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    phases = {}
+    for name, (model, opt) in models.items():
         phases[name] = phase_times(model, opt, x, y, cfg, args)
         print(f"{name}: {rows[name]:.1f} ms/step; "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases[name].items()), flush=True)
@@ -111,7 +117,8 @@ def main():
         f"Machine: {describe(info)}.",
         f"Command: `python benchmarks/bench_train_step.py` (B={B}, T={T}, D={args.hidden}, "
         f"{args.blocks} blocks, 1 head, {args.items} items, full-catalogue CE + Adam, "
-        f"device {args.device}{', bf16 autocast' if args.amp else ''}, median of {args.repeats} steps).",
+        f"device {args.device}{', bf16 autocast' if args.amp else ''}, median of {args.repeats} steps, "
+        "the models taking turns step by step).",
         "",
         "| model | ms / step | vs sasrec |",
         "|---|---|---|",

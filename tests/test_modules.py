@@ -107,6 +107,19 @@ def test_transformer_under_cpu_bfloat16_autocast():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_transformer_compiles_without_graph_breaks():
+    torch.manual_seed(0)
+    m = PKATransformer(2, 16, 2, max_len=12)
+    x = torch.randn(4, 12, 16)
+    lens = torch.tensor([12, 1, 0, 5])
+    eager = m(x, lens)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x, lens)
+    torch.testing.assert_close(compiled, eager)
+    compiled.square().sum().backward()
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+
+
 def test_transformer_default_kernel_sharing_and_gradients():
     m = PKATransformer(3, 16, 2, max_len=12)
     assert len(m.key_kernels) == 3 and len(m.value_kernels) == 1

@@ -91,33 +91,37 @@ def test_transformer_compiled_and_reference_agree(block, per_head):
         torch.testing.assert_close(p.grad, p_ref.grad, atol=1e-9, rtol=0, msg=lambda s: f"{name}: {s}")
 
 
+def _float32_transformer_and_batch():
+    """A seeded float32 PKATransformer and a padded batch (a full, a short and an empty sequence)."""
+    torch.manual_seed(0)
+    return PKATransformer(2, 16, 2, max_len=12), torch.randn(4, 12, 16), torch.tensor([12, 1, 0, 5])
+
+
+def assert_grads_finite(m, *, nonzero=False):
+    for name, p in m.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert not nonzero or p.grad.abs().sum() > 0, name
+
+
 def test_transformer_under_cpu_bfloat16_autocast():
     """CPU autocast hands the op bfloat16 q, k, v and kernels: it runs, close to float32."""
-    torch.manual_seed(0)
-    m = PKATransformer(2, 16, 2, max_len=12)
-    x = torch.randn(4, 12, 16)
-    lens = torch.tensor([12, 1, 0, 5])
+    m, x, lens = _float32_transformer_and_batch()
     out32 = m(x, lens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out16 = m(x, lens)
     err = ((out16.float() - out32).abs().max() / out32.abs().max()).item()
     assert err < 5e-2, err
     out16.float().square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    assert_grads_finite(m, nonzero=True)
 
 
 def test_transformer_compiles_without_graph_breaks():
-    torch.manual_seed(0)
-    m = PKATransformer(2, 16, 2, max_len=12)
-    x = torch.randn(4, 12, 16)
-    lens = torch.tensor([12, 1, 0, 5])
+    m, x, lens = _float32_transformer_and_batch()
     eager = m(x, lens)
     compiled = torch.compile(m, fullgraph=True, backend="aot_eager")(x, lens)
     torch.testing.assert_close(compiled, eager)
     compiled.square().sum().backward()
-    for name, p in m.named_parameters():
-        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert_grads_finite(m)
 
 
 def test_transformer_default_kernel_sharing_and_gradients():

@@ -35,18 +35,6 @@ def machine_info() -> dict:
     return info
 
 
-def median_time(fn, *, repeats: int = 10, warmup: int = 2) -> float:
-    """Median wall time of fn() in seconds (CPU)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def interleaved_times(fns: dict, *, repeats: int = 10, warmup: int = 2) -> dict:
     """Wall times (seconds) of each fn in ``fns``, called in turn once per round.
 
@@ -67,8 +55,7 @@ def interleaved_times(fns: dict, *, repeats: int = 10, warmup: int = 2) -> dict:
 
 def quartiles(times: list) -> tuple:
     """(25th percentile, median, 75th percentile) of a list of times."""
-    q1, q2, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return q1, q2, q3
+    return tuple(statistics.quantiles(times, n=4, method="inclusive"))
 
 
 def write_results(name: str, payload: dict, markdown: str, out_dir: str | None = None) -> None:

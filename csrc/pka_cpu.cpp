@@ -137,18 +137,10 @@ Tensor zero_padded_copy(const Tensor& x, const std::vector<int64_t>& lens, const
   return y;
 }
 
-// X A_h for every (batch, head) pair, X [B, H, T, T], A [Hk, T, T] (a view, transposes allowed).
-// With a shared kernel the batch folds into one GEMM; per-head kernels broadcast over the batch.
-Tensor times_kernel(const Tensor& X, const Tensor& A) {
-  return A.size(0) == 1 ? at::matmul(X, A[0]) : at::matmul(X, A);
-}
-
-void times_kernel_into(Tensor dst, const Tensor& X, const Tensor& A) {
-  if (A.size(0) == 1)
-    at::matmul_out(dst, X, A[0]);
-  else
-    at::matmul_out(dst, X, A);
-}
+// The right operand that makes at::matmul(X, ...) compute X A_h for every (batch, head) pair of
+// X [B, H, T, T], given A [Hk, T, T] (a view, transposes allowed): a shared kernel as a 2-D matrix,
+// so that the batch folds into one GEMM; per-head kernels broadcast over the batch.
+Tensor per_pair(const Tensor& A) { return A.size(0) == 1 ? A[0] : A; }
 
 // Everything of a pair's [T, T] matrix M outside the valid block [s:, s:] set to 0.
 template <typename scalar_t>
@@ -165,7 +157,7 @@ void forward_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
   const Tensor k0 = zero_padded_copy<scalar_t>(k, lens, d);
   const Tensor v0 = zero_padded_copy<scalar_t>(v, lens, d);
   // Rows of padded queries are overwritten below, so q needs no zeroing. [B, H, T, T]
-  Tensor S = times_kernel(at::matmul(q, k0.transpose(-1, -2)), ak.transpose(-1, -2));
+  Tensor S = at::matmul(at::matmul(q, k0.transpose(-1, -2)), per_pair(ak.transpose(-1, -2)));
   scalar_t* Sp = S.data_ptr<scalar_t>();
   scalar_t* lp = lse.data_ptr<scalar_t>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
@@ -179,7 +171,7 @@ void forward_dense(const Tensor& q, const Tensor& k, const Tensor& v, const Tens
     }
   });
   // padded rows of P are 0, so theirs in out are exactly 0
-  at::matmul_out(out, times_kernel(S, av), v0);
+  at::matmul_out(out, at::matmul(S, per_pair(av)), v0);
 }
 
 template <typename scalar_t>
@@ -343,8 +335,8 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
   const Tensor dout0 = zero_padded_copy<scalar_t>(dout, lens, d);
   Tensor S0 = at::matmul(q0, k0.transpose(-1, -2));     // [B, H, T, T]
   Tensor dP0 = at::matmul(dout0, v0.transpose(-1, -2));  // [B, H, T, T]
-  const Tensor S = times_kernel(S0, ak.transpose(-1, -2));
-  Tensor dP = times_kernel(dP0, av.transpose(-1, -2));
+  const Tensor S = at::matmul(S0, per_pair(ak.transpose(-1, -2)));
+  Tensor dP = at::matmul(dP0, per_pair(av.transpose(-1, -2)));
   Tensor PZ = at::empty_like(S);
   const scalar_t* Sp = S.data_ptr<scalar_t>();
   scalar_t *dPp = dP.data_ptr<scalar_t>(), *PZp = PZ.data_ptr<scalar_t>();
@@ -366,8 +358,8 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
   da_k = kernel_grad_dense(dP, S0, d, d.Hk);
   da_v = kernel_grad_dense(PZ, dP0, d, d.Hv);
   // S0 and dP0 are spent: their buffers take dS A_k and PZ A_v.
-  times_kernel_into(S0, dP, ak);
-  times_kernel_into(dP0, PZ, av);
+  at::matmul_out(S0, dP, per_pair(ak));
+  at::matmul_out(dP0, PZ, per_pair(av));
   at::matmul_out(dq, S0, k0);  // dS has zero padded rows, so dq's are 0
   // (dS A_k) and (PZ A_v) reach back into padded columns: their rows of dk, dv are zeroed.
   at::matmul_out(dk, S0.transpose(-1, -2), q0);

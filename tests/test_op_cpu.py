@@ -54,7 +54,7 @@ def test_float32_close_to_float64_reference():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
                          ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
 @pytest.mark.parametrize("per_head,dropout_p", [(False, 0.0), (True, 0.25)])
 def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
     """bfloat16 / float16 on the CPU: each result is within a few roundings of the float64
@@ -77,7 +77,7 @@ def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
 def test_autocast_does_not_recast_inside_the_op(T):
     """float32 inputs under CPU autocast: the op's own products stay float32."""
     args = [t.detach().float() if t is not None and t.is_floating_point() else t
@@ -153,11 +153,14 @@ def test_padded_positions_exactly_zero():
             assert out[b, :, s:].abs().min() > 0
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@pytest.mark.parametrize("short", ["alone", "grouped"])
 @pytest.mark.parametrize("garbage", [1e6, float("nan"), float("inf")])
-def test_padded_inputs_do_not_leak(T, garbage):
-    """Whatever padded rows of q, k, v and dout hold, no output or gradient changes."""
-    lengths = [4, T]
+def test_padded_inputs_do_not_leak(T, short, garbage):
+    """Whatever padded rows of q, k, v and dout hold, no output or gradient changes. On the
+    grouped path the short sequence is either in a group of its own or padded inside the long
+    one's group."""
+    lengths = [4 if short == "alone" else T - T // 8, T]
     q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=lengths)
     dout = torch.randn(2, 2, T, 4, dtype=q.dtype)
     out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
@@ -172,6 +175,24 @@ def test_padded_inputs_do_not_leak(T, garbage):
     assert torch.equal(out, out2)
     for name, g, g2 in zip(("q", "k", "v", "a_k", "a_v"), grads, grads2):
         assert torch.equal(g, g2), name
+
+
+@pytest.mark.parametrize(
+    "T,lengths",
+    [
+        # groups shared by similar lengths, one group for everything up to length 16, an empty one
+        (40, [40, 39, 38, 30, 28, 16, 15, 3, 1, 0, 40, 33]),
+        # equal lengths split by the group memory cap (6 pairs of H=2 fit), the rest shared
+        (200, [200] * 8 + [190, 0]),
+        # one pair alone is over the cap: groups of one
+        (600, [600, 600, 598, 250]),
+    ],
+    ids=["T40", "T200", "T600"],
+)
+@pytest.mark.parametrize("per_head,dropout_p", [(False, 0.0), (True, 0.2)])
+def test_length_groups_match_reference(T, lengths, per_head, dropout_p):
+    args = make_inputs(len(lengths), 2, T, 8, per_head=per_head, lengths=lengths, seed=T)
+    assert_close_to_ref(args, atol=1e-10, dropout_p=dropout_p, seed=5)
 
 
 @pytest.mark.parametrize("B,T", [(0, 5), (0, 70), (2, 0)])
@@ -241,7 +262,7 @@ def test_opcheck_forward_and_backward():
             torch.library.opcheck(torch.ops.pka_ext.pka_bwd, bwd_args)
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 64) and per-pair path
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
 def test_create_graph_gives_first_order_grads_and_refuses_double_backward(T):
     q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=[4, T])
     inputs = (q, k, v, a_k, a_v)

@@ -216,18 +216,26 @@ def test_no_nan_or_inf_with_extreme_scores():
         assert torch.isfinite(t).all()
 
 
-def test_strided_inputs_match_contiguous():
-    B, T, H, d = 3, 14, 2, 6
+@pytest.mark.parametrize("T", [14, 40])  # whole-batch path (T <= 24) and grouped path
+def test_strided_inputs_match_contiguous(T):
+    """Non-contiguous q, k, v, kernels and dout give the contiguous results, gradients included."""
+    B, H, d = 3, 2, 6
     g = torch.Generator().manual_seed(3)
     base = torch.randn(B, T, 3, H, d + 2, generator=g, dtype=torch.float64)
-    q, k, v = (base[:, :, i, :, 1:d + 1].transpose(1, 2) for i in range(3))  # [B, H, T, d], strided
-    assert not q.is_contiguous()
+    qkv = [base[:, :, i, :, 1:d + 1].transpose(1, 2) for i in range(3)]  # [B, H, T, d], strided
+    assert not qkv[0].is_contiguous()
     a = torch.randn(2 * T, 2 * T, generator=g, dtype=torch.float64)[::2, ::2]
-    lens = torch.tensor([14, 5, 0])
-    out = pka_ext.pka_attention(q, k, v, a, a.t(), lens)
-    ref = pka_ext.pka_attention(q.contiguous(), k.contiguous(), v.contiguous(), a.contiguous(),
-                                a.t().contiguous(), lens)
+    dout = torch.randn(B, H, d, T, generator=g, dtype=torch.float64).transpose(-1, -2)
+    lens = torch.tensor([T, 5, 0])
+    strided = [t.detach().requires_grad_() for t in (*qkv, a, a.t())]
+    dense = [t.detach().contiguous().requires_grad_() for t in (*qkv, a, a.t())]
+    out = pka_ext.pka_attention(*strided, lens)
+    ref = pka_ext.pka_attention(*dense, lens)
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    grads = torch.autograd.grad(out, strided, dout)
+    ref_grads = torch.autograd.grad(ref, dense, dout.contiguous())
+    for name, gr, r in zip(GRAD_NAMES, grads, ref_grads):
+        torch.testing.assert_close(gr, r, atol=1e-12, rtol=0, msg=lambda m: f"grad {name}: {m}")
 
 
 def test_explicit_scale():

@@ -195,6 +195,21 @@ def test_length_groups_match_reference(T, lengths, per_head, dropout_p):
     assert_close_to_ref(args, atol=1e-10, dropout_p=dropout_p, seed=5)
 
 
+@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+def test_bitwise_reproducible(T):
+    """Same inputs and seed, same thread count: output and every gradient bit for bit."""
+    args = [t.detach().float() if t is not None and t.is_floating_point() else t
+            for t in make_inputs(16, 2, T, 8, per_head=True, seed=11)]
+
+    def run():
+        xs = [t.clone().requires_grad_() for t in args[:5]]
+        out = pka_ext.pka_attention(*xs, args[5], dropout_p=0.2, seed=3)
+        return (out, *torch.autograd.grad(out, xs, torch.ones_like(out)))
+
+    for a, b in zip(run(), run()):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("B,T", [(0, 5), (0, 70), (2, 0)])
 def test_empty_batch_or_sequence(B, T):
     q, k, v, a_k, a_v, lens = make_inputs(B, 2, T, 4, lengths=[T] * B)

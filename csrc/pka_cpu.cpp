@@ -269,9 +269,9 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
 // The three constants below were tuned on a 2-core EPYC, B=64, H=2, lengths uniform in [1, T]
 // (fwd+bwd, configurations interleaved in one process); the results were flat around them.
 //
-// A group's score-shaped buffers hold at most kGroupElems elements (2 MiB of float32), which
-// bounds memory whatever B and T are (a single pair may exceed it: its own Lg x Lg block is the
-// floor). Larger groups were no faster up to T=200 and 20 % slower at T=512, out of cache.
+// A group's score-shaped buffers hold at most kGroupElems elements (2 MiB of float32), so memory
+// does not grow with B; a single sequence may exceed it (its H blocks of Lg x Lg are the floor).
+// Larger groups were no faster up to T=200 and 20 % slower at T=512, out of cache.
 constexpr int64_t kGroupElems = int64_t(1) << 19;
 // A sequence joins the group of a longer one if its L^2 is at least this share of Lg^2 (its padding
 // then costs at most 1/kGroupFill - 1 of its own work) ...

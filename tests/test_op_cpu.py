@@ -325,9 +325,9 @@ def _random_case(rng: torch.Generator):
     def pick(choices):
         return choices[torch.randint(len(choices), (1,), generator=rng).item()]
 
-    B = pick([1, 2, 3, 5])
+    B = pick([1, 2, 3, 5, 8])
     H = pick([1, 2, 3])
-    T = pick([1, 2, 3, 7, 16, 31, 33])
+    T = pick([1, 2, 3, 7, 16, 24, 25, 31, 33, 65])  # both sides of the whole-batch / grouped switch
     d = pick([1, 2, 5, 16])
     per_head = pick([False, True])
     lengths = pick(["random", None])

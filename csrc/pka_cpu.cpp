@@ -4,7 +4,7 @@
 // T-1) and blind to whatever the padded rows hold:
 //   - T <= 24: a few whole-batch products on zero-padded [B, H, T, *] copies;
 //   - T > 24: sequences sorted by length and cut into groups of similar length, each group run as
-//     batched products over its last Lg positions, so padding costs little and memory stays bounded.
+//     batched products over its last Lg positions: padding costs little, memory is bounded.
 // The dense products go through ATen (mm, bmm, matmul) and so run in the BLAS torch was built with;
 // the row-wise softmax and its backward are the loops below, parallel over (batch, head) pairs.
 #include <ATen/Parallel.h>
@@ -58,7 +58,8 @@ Dropout make_dropout(double p, const std::optional<Tensor>& seed) {
 }
 
 // Rows of S (L x L with row stride ld, raw scores) become probabilities P in place: causal,
-// max-subtracted, with the dropout mask and 1/(1-p) applied after normalisation. Writes lse = m + log(sum) per row.
+// max-subtracted, with the dropout mask and 1/(1-p) applied after normalisation. Writes
+// lse = m + log(sum) per row.
 template <typename scalar_t>
 void softmax_rows(scalar_t* S, int64_t L, int64_t ld, int64_t s, int64_t b, int64_t h,
                   scalar_t scale, const Dropout& drop, scalar_t* lse) {

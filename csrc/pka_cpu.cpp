@@ -365,27 +365,22 @@ void scatter_group(const Tensor& y, Tensor& x, const Group& g, const std::vector
   });
 }
 
-// X [H, G, D, Lg] (time last) times each head's kernel block A[s0:, s0:], or its transpose: the
-// time mixing of a group, one GEMM when the kernel is shared.
+// X [H, G, D, Lg] (time last) times each kernel head's block A[s0:, s0:], or its transpose: the
+// time mixing of a group, one product over the group's rows per kernel head (a shared kernel,
+// Hk = 1, takes all of them in one GEMM).
 Tensor mix_time(const Tensor& X, const Tensor& A, int64_t s0, bool transposed) {
   const int64_t Lg = X.size(3);
-  Tensor Ab = A.narrow(1, s0, Lg).narrow(2, s0, Lg);
-  if (transposed) Ab = Ab.transpose(1, 2);
-  if (A.size(0) == 1) return at::mm(X.view({-1, Lg}), Ab[0]).view(X.sizes());
-  return at::bmm(X.view({X.size(0), -1, Lg}), Ab).view(X.sizes());
+  const Tensor Ab = A.narrow(1, s0, Lg).narrow(2, s0, Lg);
+  return at::bmm(X.view({A.size(0), -1, Lg}), transposed ? Ab.transpose(1, 2) : Ab)
+      .view(X.sizes());
 }
 
 // dA[s0:, s0:] += sum over the group of dM k^T for the mixing M = A k, from the time-last dM^T and
-// k^T [H, G, D, Lg]: one GEMM over the group's rows, per kernel head.
+// k^T [H, G, D, Lg]: one product over the group's rows per kernel head.
 void add_kernel_grad(Tensor& dA, const Tensor& dXT, const Tensor& XT, int64_t s0) {
-  const int64_t Lg = XT.size(3);
-  Tensor blk = dA.narrow(1, s0, Lg).narrow(2, s0, Lg);
-  if (dA.size(0) == 1) {
-    blk[0].addmm_(dXT.view({-1, Lg}).t(), XT.view({-1, Lg}));
-  } else {
-    const int64_t H = XT.size(0);
-    blk.baddbmm_(dXT.view({H, -1, Lg}).transpose(1, 2), XT.view({H, -1, Lg}));
-  }
+  const int64_t Lg = XT.size(3), Hk = dA.size(0);
+  dA.narrow(1, s0, Lg).narrow(2, s0, Lg).baddbmm_(dXT.view({Hk, -1, Lg}).transpose(1, 2),
+                                                  XT.view({Hk, -1, Lg}));
 }
 
 // Results of sequences of length 0, which no group holds, are all 0.

@@ -12,6 +12,8 @@ import python_ref
 from conftest import make_inputs, max_rel_err
 
 GRAD_NAMES = ("q", "k", "v", "a_k", "a_v")
+# one T on each side of the CPU op's switch: whole-batch products up to T=24, length groups above
+BOTH_CPU_PATHS = pytest.mark.parametrize("T", [9, 70])
 
 
 def run_both(args, *, dropout_p=0.0, seed=None, grad_seed=1):
@@ -54,7 +56,7 @@ def test_float32_close_to_float64_reference():
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
                          ids=["bfloat16", "float16"])
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@BOTH_CPU_PATHS
 @pytest.mark.parametrize("per_head,dropout_p", [(False, 0.0), (True, 0.25)])
 def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
     """bfloat16 / float16 on the CPU: each result is within a few roundings of the float64
@@ -77,7 +79,7 @@ def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
     assert lse.dtype == torch.float32
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@BOTH_CPU_PATHS
 def test_autocast_does_not_recast_inside_the_op(T):
     """float32 inputs under CPU autocast: the op's own products stay float32."""
     args = [t.detach().float() if t is not None and t.is_floating_point() else t
@@ -153,7 +155,7 @@ def test_padded_positions_exactly_zero():
             assert out[b, :, s:].abs().min() > 0
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@BOTH_CPU_PATHS
 @pytest.mark.parametrize("short", ["alone", "grouped"])
 @pytest.mark.parametrize("garbage", [1e6, float("nan"), float("inf")])
 def test_padded_inputs_do_not_leak(T, short, garbage):
@@ -195,7 +197,7 @@ def test_length_groups_match_reference(T, lengths, per_head, dropout_p):
     assert_close_to_ref(args, atol=1e-10, dropout_p=dropout_p, seed=5)
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@BOTH_CPU_PATHS
 def test_bitwise_reproducible(T):
     """Same inputs and seed, same thread count: output and every gradient bit for bit."""
     args = [t.detach().float() if t is not None and t.is_floating_point() else t
@@ -285,7 +287,7 @@ def test_opcheck_forward_and_backward():
             torch.library.opcheck(torch.ops.pka_ext.pka_bwd, bwd_args)
 
 
-@pytest.mark.parametrize("T", [9, 70])  # whole-batch path (T <= 24) and grouped path
+@BOTH_CPU_PATHS
 def test_create_graph_gives_first_order_grads_and_refuses_double_backward(T):
     q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=[4, T])
     inputs = (q, k, v, a_k, a_v)

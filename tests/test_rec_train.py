@@ -262,3 +262,41 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, model):
     for name, ref in single.items():
         assert torch.equal(ranks[0][name], ranks[1][name]), name
         torch.testing.assert_close(ranks[0][name], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+
+
+def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_path, capsys):
+    from pka_ext.rec.synthetic import make_synthetic
+
+    data = make_synthetic(num_users=150, num_items=40, seed=1)
+    rows = [f"{u};sku{data.item_ids[i - 1]}" for u, seq in zip(data.user_ids, data.sequences) for i in seq]
+    path = tmp_path / "events.txt"
+    path.write_text("uid;item_name\n" + "\n".join(rows[:5] + ["only-one-field"] + rows[5:]) + "\n")
+    out = str(tmp_path / "run")
+    args = ["train", "--data", str(path), "--format", "csv", "--columns", "uid,item_name", "--sep", ";",
+            "--epochs", "1", "--max-len", "10", "--hidden", "16", "--no-progress", "--out", out]
+    with pytest.raises(SystemExit, match=rf"pka-rec train: {path}:7: expected 2 fields, got 1"):
+        cli_main(args)
+    with pytest.warns(UserWarning, match="skipped 1 bad line"):
+        cli_main([*args, "--skip-bad"])
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["dataset"] == "events"
+    assert metrics["config"]["data"]["columns"] == ["uid", "item_name"]
+    assert RunConfig.from_dict(metrics["config"]).to_dict() == metrics["config"]
+    capsys.readouterr()
+    with pytest.warns(UserWarning, match="skipped 1 bad line"):
+        cli_main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt")])  # reads it as trained
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["test"]["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--format", "s3rec", "--data", "x.txt", "--columns", "u,i"], "columns and sep apply to the csv format only"),
+    (["--format", "csv", "--data", "x.csv", "--columns", "u"], "columns must name user, item"),
+    (["--format", "csv", "--data", "x.csv", "--columns", "u,,t"], "columns must name user, item"),
+    (["--format", "csv", "--data", "x.csv", "--sep", ";;"], "sep must be one character"),
+    (["--format", "csv", "--data", "no-such-file.csv"], "pka-rec train: .*no-such-file.csv"),
+])
+def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
+    with pytest.raises(SystemExit, match=match):
+        cli_main(["train", *flags, "--out", str(tmp_path / "o")])

@@ -7,6 +7,7 @@ nccl on CUDA); the global batch is split across ranks and rank 0 evaluates and w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from pka_ext.rec.config import MODELS, DataConfig, ModelConfig, RunConfig, TrainConfig
-from pka_ext.rec.data import FORMATS, Interactions, ItemVocab, load
+from pka_ext.rec.data import FORMATS, DataError, Interactions, ItemVocab, load
 from pka_ext.rec.evaluate import evaluate
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import leave_one_out, temporal
@@ -30,7 +31,7 @@ def load_interactions(dc: DataConfig, seed: int = 0) -> Interactions:
         return make_synthetic(seed=seed)
     if not dc.path:
         raise SystemExit(f"--data is required for --format {dc.format}")
-    return load(dc.path, dc.format)
+    return load(dc.path, dc.format, **dc.reader_options())
 
 
 def make_split(data: Interactions, dc: DataConfig):
@@ -114,8 +115,15 @@ def _run_config(args) -> RunConfig:
                     num_negatives=args.negatives, device=args.device, amp=args.amp),
         DataConfig(path=args.data, format=args.format, protocol=args.protocol,
                    val_start=args.val_start, test_start=args.test_start,
-                   max_eval_events=args.max_eval_events, name=args.name),
+                   max_eval_events=args.max_eval_events, name=args.name,
+                   columns=args.columns.split(",") if args.columns else None,
+                   sep=_separator(args.sep), skip_bad=args.skip_bad),
     )
+
+
+def _separator(sep: str | None) -> str | None:
+    """--sep as typed: a shell passes a tab as the two characters backslash and t, or as 'tab'."""
+    return "\t" if sep in ("\\t", "tab") else sep
 
 
 def cmd_train(args) -> None:
@@ -140,8 +148,11 @@ def cmd_evaluate(args) -> None:
     ckpt = load_checkpoint(args.checkpoint, args.device)
     cfg = RunConfig.from_dict(ckpt["config"])
     dc = cfg.data
-    if args.data is not None or args.format is not None:
-        dc.path, dc.format = args.data or dc.path, args.format or dc.format
+    if args.format is not None and args.format != dc.format:
+        # The training run's csv columns and separator describe its file, not this one.
+        dc = dataclasses.replace(dc, format=args.format, columns=None, sep=None)
+    if args.data is not None:
+        dc.path = args.data
     data = load_interactions(dc, cfg.train.seed)
     if data.item_ids != ckpt["id_maps"]["items"]:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
@@ -192,82 +203,112 @@ def cmd_demo(args) -> None:
               f"{t['cov@10']:.4f} | {m['best_epoch']} | {m['train_seconds']:.1f} |")
 
 
+def _option(parser, *flags, help: str, **kw) -> None:
+    """add_argument, with the default (where there is one to state) written after the help."""
+    if kw.get("default") is not None and kw.get("action") != "store_true":
+        help += " (default: %(default)s)"
+    parser.add_argument(*flags, help=help, **kw)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pka-rec", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model, write metrics.json and checkpoint.pt")
-    t.add_argument("--data", default=None, help="data file (not needed for --format synthetic)")
-    t.add_argument("--format", default="synthetic", choices=sorted(FORMATS) + ["synthetic"])
-    t.add_argument("--protocol", default="loo", choices=["loo", "temporal"])
-    t.add_argument("--model", default="psa", choices=MODELS)
-    t.add_argument("--epochs", type=int, default=50)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--max-len", type=int, default=50)
-    t.add_argument("--hidden", type=int, default=64)
-    t.add_argument("--blocks", type=int, default=2)
-    t.add_argument("--heads", type=int, default=1)
-    t.add_argument("--dropout", type=float, default=0.2)
-    t.add_argument("--block", default="pre_ln", choices=["pre_ln", "authors"])
+    _option(t, "--data", default=None, help="data file (not needed for --format synthetic)")
+    _option(t, "--format", default="synthetic", choices=sorted(FORMATS) + ["synthetic"],
+            help="s3rec: 'user item item ...' lines; sasrec: 'user item' lines in time order; "
+            "recbole: an atomic .inter file; csv: a CSV/TSV with user, item (and timestamp) "
+            "columns; synthetic: the embedded generated data")
+    _option(t, "--columns", default=None, metavar="USER,ITEM[,TIME]",
+            help="csv: the header names of the user, item and time columns; name two for a file "
+            "without times, whose rows are then in time order per user (default: "
+            "user_id,item_id,timestamp)")
+    _option(t, "--sep", default=None,
+            help="csv: the field separator, one character or 'tab' (default: tab for .tsv, else comma)")
+    _option(t, "--skip-bad", action="store_true",
+            help="skip malformed data lines with one warning that counts them and shows the first "
+            "(default: stop at the first, naming file:line)")
+    _option(t, "--protocol", default="loo", choices=["loo", "temporal"],
+            help="leave-one-out, or the global temporal split (needs timestamps)")
+    _option(t, "--model", default="psa", choices=MODELS,
+            help="PSA, or a baseline: learned absolute positions, none, rotary")
+    _option(t, "--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
+    _option(t, "--seed", type=int, default=0, help="weights, batch order, dropout, negatives")
+    _option(t, "--max-len", type=int, default=50, help="context length T (the most recent items)")
+    _option(t, "--hidden", type=int, default=64, help="embedding and hidden size D")
+    _option(t, "--blocks", type=int, default=2, help="transformer blocks")
+    _option(t, "--heads", type=int, default=1, help="attention heads")
+    _option(t, "--dropout", type=float, default=0.2, help="embedding, attention and residual dropout")
+    _option(t, "--block", default="pre_ln", choices=["pre_ln", "authors"],
+            help="pre-LN blocks, or the authors' (attention residual from LayerNorm(X))")
     k = t.add_argument_group("psa kernels (ablations; defaults are the paper's best setting)")
-    k.add_argument("--key-kernel", default="toeplitz", choices=["toeplitz", "full"])
-    k.add_argument("--value-kernel", default="full", choices=["toeplitz", "full"])
-    k.add_argument("--share-key-kernel", action="store_true", help="one key kernel for all layers")
-    k.add_argument("--per-layer-value-kernel", action="store_true",
-                   help="one value kernel per layer instead of one shared by all layers")
-    k.add_argument("--no-normalize-kernels", action="store_true")
-    k.add_argument("--add-positional-embedding", action="store_true",
-                   help="psa plus learned absolute positional embeddings")
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=1e-3)
-    t.add_argument("--patience", type=int, default=5)
-    t.add_argument("--loss", default="ce", choices=["ce", "sampled"])
-    t.add_argument("--negatives", type=int, default=256, help="negatives for --loss sampled")
-    t.add_argument("--val-start", type=float, default=0.95, help="temporal: validation quantile")
-    t.add_argument("--test-start", type=float, default=0.97, help="temporal: test quantile")
-    t.add_argument("--max-eval-events", type=int, default=None)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--amp", action="store_true",
-                   help="bfloat16 autocast for training (evaluation stays float32)")
-    t.add_argument("--name", default=None, help="data set name for metrics.json")
-    t.add_argument("--resume", default=None, help="checkpoint.pt to resume from")
-    t.add_argument("--no-progress", action="store_true")
-    t.add_argument("--out", required=True)
+    _option(k, "--key-kernel", default="toeplitz", choices=["toeplitz", "full"], help="A_k's form")
+    _option(k, "--value-kernel", default="full", choices=["toeplitz", "full"], help="A_v's form")
+    _option(k, "--share-key-kernel", action="store_true", help="one key kernel for all layers")
+    _option(k, "--per-layer-value-kernel", action="store_true",
+            help="one value kernel per layer instead of one shared by all layers")
+    _option(k, "--no-normalize-kernels", action="store_true",
+            help="train the kernels unnormalised (L2 for Toeplitz, Frobenius for full)")
+    _option(k, "--add-positional-embedding", action="store_true",
+            help="psa plus learned absolute positional embeddings")
+    _option(t, "--batch-size", type=int, default=128, help="sequences per step (global, under DDP)")
+    _option(t, "--lr", type=float, default=1e-3, help="Adam learning rate")
+    _option(t, "--patience", type=int, default=5,
+            help="epochs without a better validation NDCG@10 before stopping")
+    _option(t, "--loss", default="ce", choices=["ce", "sampled"],
+            help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
+    _option(t, "--negatives", type=int, default=256, help="negatives for --loss sampled")
+    _option(t, "--val-start", type=float, default=0.95, help="temporal: validation quantile")
+    _option(t, "--test-start", type=float, default=0.97, help="temporal: test quantile")
+    _option(t, "--max-eval-events", type=int, default=None,
+            help="temporal: evaluate at most this many held-out events (default: all of them)")
+    _option(t, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _option(t, "--amp", action="store_true",
+            help="bfloat16 autocast for training (evaluation stays float32)")
+    _option(t, "--name", default=None, help="data set name for metrics.json (default: the data file's name)")
+    _option(t, "--resume", default=None, help="checkpoint.pt to resume from")
+    _option(t, "--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    _option(t, "--out", required=True, help="folder for metrics.json and checkpoint.pt")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="recompute val/test metrics of a checkpoint")
-    e.add_argument("--checkpoint", required=True)
-    e.add_argument("--data", default=None)
-    e.add_argument("--format", default=None)
-    e.add_argument("--device", default="cpu")
+    _option(e, "--checkpoint", required=True, help="a checkpoint.pt written by train")
+    _option(e, "--data", default=None, help="data file (default: the one it was trained on)")
+    _option(e, "--format", default=None, choices=sorted(FORMATS) + ["synthetic"],
+            help="its format (default: the training run's)")
+    _option(e, "--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(fn=cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-k items for a history of original item ids")
-    r.add_argument("--checkpoint", required=True)
-    r.add_argument("--history", required=True, help='space-separated item ids, e.g. "12 7 99"')
-    r.add_argument("-k", type=int, default=10)
-    r.add_argument("--device", default="cpu")
+    _option(r, "--checkpoint", required=True, help="a checkpoint.pt written by train")
+    _option(r, "--history", required=True, help='space-separated item ids, oldest first, e.g. "12 7 99"')
+    _option(r, "-k", type=int, default=10, help="how many items")
+    _option(r, "--device", default="cpu", help="cpu, cuda or cuda:N")
     r.set_defaults(fn=cmd_recommend)
 
-    pk = sub.add_parser("plot-kernels", help="draw learned kernels and mean attention (PNG)")
-    pk.add_argument("--checkpoint", required=True)
-    pk.add_argument("--data", default=None, help="data for the attention heatmap")
-    pk.add_argument("--out", required=True)
-    pk.add_argument("--device", default="cpu")
+    pk = sub.add_parser("plot-kernels", help="draw learned kernels (psa) and mean attention (PNG)")
+    _option(pk, "--checkpoint", required=True, help="a checkpoint.pt written by train")
+    _option(pk, "--data", default=None, help="data for the attention heatmap")
+    _option(pk, "--out", required=True, help="PNG file")
+    _option(pk, "--device", default="cpu", help="cpu, cuda or cuda:N")
     pk.set_defaults(fn=cmd_plot)
 
     d = sub.add_parser("demo", help="PSA vs SASRec on the embedded synthetic data")
-    d.add_argument("--epochs", type=int, default=8)
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="runs/demo")
+    _option(d, "--epochs", type=int, default=8, help="most epochs per model")
+    _option(d, "--seed", type=int, default=0, help="data, weights and training")
+    _option(d, "--out", default="runs/demo", help="folder for both runs")
     d.set_defaults(fn=cmd_demo)
     return p
 
 
 def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
-    args.fn(args)
+    try:
+        args.fn(args)
+    except (DataError, FileNotFoundError) as e:  # the user's file, named with its line: no traceback
+        raise SystemExit(f"pka-rec {args.command}: {e}") from None
 
 
 if __name__ == "__main__":

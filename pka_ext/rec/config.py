@@ -74,6 +74,32 @@ class DataConfig:
     test_start: float = 0.97
     max_eval_events: int | None = None
     name: str | None = None
+    # csv only: the header names of the user, item and (optional) time columns, and the separator;
+    # None: the reader's defaults (user_id, item_id, timestamp; tab for .tsv, else comma).
+    columns: list[str] | None = None
+    sep: str | None = None
+    skip_bad: bool = False  # skip malformed data lines with one warning instead of failing
+
+    def __post_init__(self):
+        if self.format != "csv" and (self.columns is not None or self.sep is not None):
+            raise ValueError(f"columns and sep apply to the csv format only, not {self.format!r}")
+        if self.columns is not None:
+            self.columns = list(self.columns)
+            if len(self.columns) not in (2, 3) or not all(c.strip() for c in self.columns):
+                raise ValueError(f"columns must name user, item and optionally time (2 or 3 "
+                                 f"non-empty names), got {self.columns}")
+        if self.sep is not None and len(self.sep) != 1:
+            raise ValueError(f"sep must be one character, got {self.sep!r}")
+
+    def reader_options(self) -> dict:
+        """Keyword arguments for :func:`pka_ext.rec.data.load`."""
+        kw: dict = {"skip_bad": self.skip_bad}
+        if self.columns is not None:
+            kw.update(user_col=self.columns[0], item_col=self.columns[1],
+                      time_col=self.columns[2] if len(self.columns) == 3 else None)
+        if self.sep is not None:
+            kw["sep"] = self.sep
+        return kw
 
     @property
     def dataset_name(self) -> str:

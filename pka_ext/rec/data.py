@@ -522,7 +522,8 @@ def read_csv(path: str | Path, user_col: str = "user_id", item_col: str = "item_
         wanted = [c for c in (user_col, item_col, time_col) if c is not None]
         missing = [c for c in wanted if c not in header]
         if missing:
-            hint = " (pass time_col=None for a file without times)" if time_col in missing else ""
+            hint = (" (for a file without times: time_col=None, or two names in pka-rec's "
+                    "--columns)") if time_col in missing else ""
             raise DataError(f"{path}:1: header has no column(s) {missing}; available columns: "
                             f"{header}{hint}")
         ui, ii = header.index(user_col), header.index(item_col)

@@ -285,13 +285,15 @@ def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_p
     assert RunConfig.from_dict(metrics["config"]).to_dict() == metrics["config"]
     capsys.readouterr()
     with pytest.warns(UserWarning, match="skipped 1 bad line"):
-        cli_main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt")])  # reads it as trained
+        # The checkpoint's config reads the file as training did: the same columns, separator, skip.
+        cli_main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt")])
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test"]["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
 
 
 @pytest.mark.parametrize("flags,match", [
-    (["--format", "s3rec", "--data", "x.txt", "--columns", "u,i"], "columns and sep apply to the csv format only"),
+    (["--format", "s3rec", "--data", "x.txt", "--columns", "u,i"],
+     "columns and sep apply to the csv format only"),
     (["--format", "csv", "--data", "x.csv", "--columns", "u"], "columns must name user, item"),
     (["--format", "csv", "--data", "x.csv", "--columns", "u,,t"], "columns must name user, item"),
     (["--format", "csv", "--data", "x.csv", "--sep", ";;"], "sep must be one character"),

@@ -212,21 +212,22 @@ def _option(parser, *flags, help: str, **kw) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pka-rec", description=__doc__,
-                         formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a model, write metrics.json and checkpoint.pt")
     _option(t, "--data", default=None, help="data file (not needed for --format synthetic)")
     _option(t, "--format", default="synthetic", choices=sorted(FORMATS) + ["synthetic"],
             help="s3rec: 'user item item ...' lines; sasrec: 'user item' lines in time order; "
-            "recbole: an atomic .inter file; csv: a CSV/TSV with user, item (and timestamp) "
-            "columns; synthetic: the embedded generated data")
+            "recbole: an atomic .inter file; csv: a CSV/TSV with a header row (see --columns); "
+            "synthetic: the embedded generated data")
     _option(t, "--columns", default=None, metavar="USER,ITEM[,TIME]",
             help="csv: the header names of the user, item and time columns; name two for a file "
             "without times, whose rows are then in time order per user (default: "
             "user_id,item_id,timestamp)")
     _option(t, "--sep", default=None,
-            help="csv: the field separator, one character or 'tab' (default: tab for .tsv, else comma)")
+            help="csv: the field separator, one character or 'tab' (default: tab for .tsv, else "
+            "comma)")
     _option(t, "--skip-bad", action="store_true",
             help="skip malformed data lines with one warning that counts them and shows the first "
             "(default: stop at the first, naming file:line)")
@@ -235,7 +236,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--model", default="psa", choices=MODELS,
             help="PSA, or a baseline: learned absolute positions, none, rotary")
     _option(t, "--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
-    _option(t, "--seed", type=int, default=0, help="weights, batch order, dropout, negatives")
+    _option(t, "--seed", type=int, default=0,
+            help="weights, batch order, dropout, negatives, synthetic data")
     _option(t, "--max-len", type=int, default=50, help="context length T (the most recent items)")
     _option(t, "--hidden", type=int, default=64, help="embedding and hidden size D")
     _option(t, "--blocks", type=int, default=2, help="transformer blocks")
@@ -267,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--device", default="cpu", help="cpu, cuda or cuda:N")
     _option(t, "--amp", action="store_true",
             help="bfloat16 autocast for training (evaluation stays float32)")
-    _option(t, "--name", default=None, help="data set name for metrics.json (default: the data file's name)")
+    _option(t, "--name", default=None,
+            help="data set name for metrics.json (default: the data file's name)")
     _option(t, "--resume", default=None, help="checkpoint.pt to resume from")
     _option(t, "--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     _option(t, "--out", required=True, help="folder for metrics.json and checkpoint.pt")
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("recommend", help="top-k items for a history of original item ids")
     _option(r, "--checkpoint", required=True, help="a checkpoint.pt written by train")
-    _option(r, "--history", required=True, help='space-separated item ids, oldest first, e.g. "12 7 99"')
+    _option(r, "--history", required=True,
+            help='space-separated item ids, oldest first, e.g. "12 7 99"')
     _option(r, "-k", type=int, default=10, help="how many items")
     _option(r, "--device", default="cpu", help="cpu, cuda or cuda:N")
     r.set_defaults(fn=cmd_recommend)

@@ -1,4 +1,5 @@
-"""The README's Python examples run as printed (so they cannot drift from the API)."""
+"""The README's Python examples run as printed and its `pka-rec` commands parse (so they cannot drift
+from the API)."""
 
 from __future__ import annotations
 
@@ -41,3 +42,19 @@ def test_recommender_example_runs(tmp_path, monkeypatch):
     example = recommender.replace("rec.recommend(", "top = rec.recommend(")  # keep its result
     exec(compile(example, "README recommender", "exec"), ns)
     assert len(ns["top"]) == 10 and not {"12", "7", "99"} & set(ns["top"])
+
+
+def test_cli_examples_parse():
+    """Every `pka-rec ...` command in the README's shell blocks is accepted by the parser."""
+    import shlex
+
+    from pka_ext.rec.cli import build_parser
+
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        shell = "".join(re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M))
+    commands = [shlex.split(c, comments=True)
+                for c in shell.replace("\\\n", " ").splitlines() if c.startswith("pka-rec ")]
+    assert len(commands) >= 7
+    for command in commands:
+        args = build_parser().parse_args(command[1:])
+        assert callable(args.fn), command

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 
 import torch
 
-from pka_ext.rec.cli import main as cli_main
+from pka_ext.rec.cli import build_parser, main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def python_blocks() -> list[str]:
+def readme_blocks(language: str) -> list[str]:
+    """The README's fenced code blocks of one language, in order."""
     with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        return re.findall(r"^```python\n(.*?)^```", f.read(), flags=re.S | re.M)
+        return re.findall(rf"^```{language}\n(.*?)^```", f.read(), flags=re.S | re.M)
 
 
 def test_op_module_and_padding_examples_run():
-    quickstart, padding, _ = python_blocks()
+    quickstart, padding, _ = readme_blocks("python")
     ns: dict = {}
     exec(compile(quickstart, "README quickstart", "exec"), ns)
     B, T = ns["B"], ns["T"]
@@ -33,7 +35,7 @@ def test_op_module_and_padding_examples_run():
 
 
 def test_recommender_example_runs(tmp_path, monkeypatch):
-    *_, recommender = python_blocks()
+    *_, recommender = readme_blocks("python")
     monkeypatch.chdir(tmp_path)
     # The README trains runs/psa with the synthetic data first; a small run of the same command.
     cli_main(["train", "--format", "synthetic", "--model", "psa", "--epochs", "1", "--max-len", "20",
@@ -46,12 +48,7 @@ def test_recommender_example_runs(tmp_path, monkeypatch):
 
 def test_cli_examples_parse():
     """Every `pka-rec ...` command in the README's shell blocks is accepted by the parser."""
-    import shlex
-
-    from pka_ext.rec.cli import build_parser
-
-    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
-        shell = "".join(re.findall(r"^```bash\n(.*?)^```", f.read(), flags=re.S | re.M))
+    shell = "".join(readme_blocks("bash"))
     commands = [shlex.split(c, comments=True)
                 for c in shell.replace("\\\n", " ").splitlines() if c.startswith("pka-rec ")]
     assert len(commands) >= 7

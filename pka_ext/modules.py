@@ -102,16 +102,16 @@ class PositionalKernel(nn.Module):
     def forward(self, T: int) -> torch.Tensor:
         if not 1 <= T <= self.max_len:
             raise ValueError(f"T must be in [1, max_len={self.max_len}], got {T}")
+        # The trailing block is gathered, not sliced: whether a T x T slice of a max_len x max_len
+        # matrix is contiguous depends on T == max_len, so slicing made torch.export fix T.
+        pos = torch.arange(self.max_len - T, self.max_len, device=self.weight.device)
         if self.kind == "toeplitz":
-            # Toeplitz matrices are shift-invariant, so the trailing block only needs g[:T].
-            g = self.taps()[..., :T]
-            idx = torch.arange(T, device=g.device)
-            lag = (idx[:, None] - idx[None, :]).clamp_(min=0)  # [T, T]
-            return g[..., lag] * self._tril[:T, :T]
+            lag = pos[:, None] - pos[None, :]  # [T, T]
+            return self.taps()[..., lag.clamp(min=0)] * (lag >= 0)
         w = self.weight * self._tril
         if self.normalize:
             w = w / w.norm(dim=(-2, -1), keepdim=True)
-        return w[..., -T:, -T:]
+        return w[..., pos[:, None], pos[None, :]]
 
     def extra_repr(self) -> str:
         return (f"max_len={self.max_len}, kind={self.kind!r}, normalize={self.normalize}, "

@@ -408,6 +408,20 @@ def test_autocast_does_not_recast_inside_the_op(unfused, monkeypatch):
     assert under.dtype == torch.float32 and torch.equal(under, plain)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_exported_transformer_runs_the_cuda_op_for_any_batch_and_length(dtype):
+    torch.manual_seed(0)
+    m = pka_ext.PKATransformer(2, 64, 2, max_len=40).to(DEVICE, dtype).eval()
+    B, T = torch.export.Dim("B"), torch.export.Dim("T", min=1, max=40)
+    example = (torch.randn(3, 30, 64, device=DEVICE, dtype=dtype),
+               torch.tensor([30, 4, 0], device=DEVICE))
+    exported = torch.export.export(m, example, dynamic_shapes=({0: B, 1: T}, {0: B})).module()
+    for b, t in ((5, 40), (2, 1), (4, 17)):
+        x = torch.randn(b, t, 64, device=DEVICE, dtype=dtype)
+        lens = torch.randint(0, t + 1, (b,), device=DEVICE)
+        torch.testing.assert_close(exported(x, lens), m(x, lens), rtol=0, atol=0)
+
+
 def test_built_with_cuda():
     assert pka_ext.built_with_cuda()
 

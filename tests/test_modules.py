@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 
@@ -122,6 +124,38 @@ def test_transformer_compiles_without_graph_breaks():
     torch.testing.assert_close(compiled, eager)
     compiled.square().sum().backward()
     assert_grads_finite(m)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(key_kernel="full", value_kernel="toeplitz",
+                                         per_head_kernels=True)], ids=["paper", "per_head"])
+def test_transformer_exports_dynamic_in_batch_and_length(kw):
+    """torch.export keeps B and T symbolic; the saved program reloads and matches eager."""
+    torch.manual_seed(0)
+    m = PKATransformer(2, 16, 2, max_len=12, dropout=0.1, **kw).eval()
+    B, T = torch.export.Dim("B"), torch.export.Dim("T", min=1, max=12)
+    ep = torch.export.export(m, (torch.randn(3, 8, 16), torch.tensor([8, 3, 0])),
+                             dynamic_shapes=({0: B, 1: T}, {0: B}))
+    assert "torch.ops.pka_ext.pka_fwd" in ep.graph_module.code
+    buf = io.BytesIO()
+    torch.export.save(ep, buf)
+    buf.seek(0)
+    loaded = torch.export.load(buf).module()
+    for b, t in ((5, 12), (2, 1), (4, 7)):
+        x, lens = torch.randn(b, t, 16), torch.randint(0, t + 1, (b,))
+        torch.testing.assert_close(loaded(x, lens), m(x, lens), rtol=0, atol=0)
+
+
+def test_exported_training_graph_draws_the_dropout_seed_like_eager():
+    torch.manual_seed(0)
+    m = PKATransformer(2, 16, 2, max_len=12, dropout=0.3)
+    x, lens = torch.randn(3, 12, 16), torch.tensor([12, 5, 0])
+    ep = torch.export.export(m, (x, lens))
+    torch.manual_seed(7)
+    exported = ep.module()(x, lens)
+    torch.manual_seed(7)
+    torch.testing.assert_close(exported, m(x, lens), rtol=0, atol=0)
+    torch.manual_seed(8)
+    assert not torch.equal(ep.module()(x, lens), exported)
 
 
 def test_transformer_default_kernel_sharing_and_gradients():

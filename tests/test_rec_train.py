@@ -93,6 +93,20 @@ def test_score_contexts_trimmed_batches_equal_full_width(name):
     assert sorted(seen) == list(range(len(contexts)))
 
 
+@pytest.mark.parametrize("name", ["psa", "sasrec", "nope", "rope"])
+def test_models_export_dynamic_in_batch_and_length(name):
+    """A serving graph from torch.export takes any batch of histories up to max_len."""
+    torch.manual_seed(0)
+    model = SeqRecModel(ModelConfig(model=name, num_items=30, hidden=16, num_blocks=2, num_heads=2,
+                                    max_len=12, dropout=0.2)).eval()
+    seqs = torch.tensor([[0, 0, 3, 4, 5, 6, 7, 8], [0] * 6 + [1, 2], [0] * 8])
+    dims = {0: torch.export.Dim("B"), 1: torch.export.Dim("T", min=1, max=12)}
+    exported = torch.export.export(model, (seqs,), dynamic_shapes=(dims,)).module()
+    for b, t in ((5, 12), (2, 1), (4, 7)):
+        s = torch.randint(0, 31, (b, t))
+        torch.testing.assert_close(exported(s), model(s), rtol=0, atol=0)
+
+
 def test_pad_left_truncates_to_most_recent():
     out = pad_left([np.array([1, 2, 3, 4, 5]), np.array([7]), np.array([], dtype=np.int64)], 3)
     assert out.tolist() == [[3, 4, 5], [0, 0, 7], [0, 0, 0]]

@@ -41,9 +41,12 @@ def test_recommender_example_runs(tmp_path, monkeypatch):
     cli_main(["train", "--format", "synthetic", "--model", "psa", "--epochs", "1", "--max-len", "20",
               "--hidden", "16", "--no-progress", "--out", "runs/psa"])
     ns: dict = {}
-    example = recommender.replace("rec.recommend(", "top = rec.recommend(")  # keep its result
-    exec(compile(example, "README recommender", "exec"), ns)
+    calls = recommender.split("rec.recommend(")
+    assert len(calls) == 3
+    example = "top = rec.recommend(".join(calls[:2]) + "scored = rec.recommend(" + calls[2]
+    exec(compile(example, "README recommender", "exec"), ns)  # keeping both results
     assert len(ns["top"]) == 10 and not {"12", "7", "99"} & set(ns["top"])
+    assert [item for item, _ in ns["scored"]] == ns["top"][:3]
 
 
 def test_cli_examples_parse():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 
 from pka_ext.rec.cli import main as cli_main
 from pka_ext.rec.config import ModelConfig, RunConfig, TrainConfig
+from pka_ext.rec.data import load
 from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics, score_contexts
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import EvalSet
@@ -192,6 +194,22 @@ def test_cli_train_evaluate_recommend_plot(tmp_path, capsys):
     assert os.path.getsize(png) > 10_000
 
 
+def test_recommend_scores_empty_and_unknown_histories(tmp_path):
+    rec = Recommender.load(os.path.join(_train_cli(tmp_path, "psa"), "checkpoint.pt"))
+    top = rec.recommend(["12", "7", "99"], 6, with_scores=True)
+    assert [item for item, _ in top] == rec.recommend(["12", "7", "99"], 6)
+    scores = [s for _, s in top]
+    assert scores == sorted(scores, reverse=True) and all(math.isfinite(s) for s in scores)
+    with pytest.warns(UserWarning) as caught:
+        out = rec.recommend([["12", "nope-1"], [], ["nope-2", "nope-3"], ["7"]], 3)
+    messages = sorted(str(w.message) for w in caught)
+    assert messages == ["2 histories have no item known to the model and get no recommendations",
+                        "skipping 3 item ids unknown to the model: ['nope-1', 'nope-2', 'nope-3']"]
+    assert out[1] == out[2] == [] and out[0] == rec.recommend(["12"], 3) and len(out[3]) == 3
+    everything = rec.vocab.decode(range(1, len(rec.vocab) + 1))
+    assert sorted(rec.recommend(everything[2:], 5)) == sorted(everything[:2])  # fewer than k left
+
+
 def test_checkpoint_round_trip_and_batched_recommend(tmp_path):
     out = _train_cli(tmp_path, "sasrec")
     rec = Recommender.load(os.path.join(out, "checkpoint.pt"))
@@ -278,31 +296,79 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, model):
         torch.testing.assert_close(ranks[0][name], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
-def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_path, capsys):
+def _events_csv(tmp_path, name="events.txt", header="uid;item_name", sep=";", bad_line=True):
+    """The synthetic data as a CSV with its own column names; optionally one malformed line 7."""
     from pka_ext.rec.synthetic import make_synthetic
 
     data = make_synthetic(num_users=150, num_items=40, seed=1)
-    rows = [f"{u};sku{data.item_ids[i - 1]}" for u, seq in zip(data.user_ids, data.sequences) for i in seq]
-    path = tmp_path / "events.txt"
-    path.write_text("uid;item_name\n" + "\n".join(rows[:5] + ["only-one-field"] + rows[5:]) + "\n")
-    out = str(tmp_path / "run")
-    args = ["train", "--data", str(path), "--format", "csv", "--columns", "uid,item_name", "--sep", ";",
-            "--epochs", "1", "--max-len", "10", "--hidden", "16", "--no-progress", "--out", out]
-    with pytest.raises(SystemExit, match=rf"pka-rec train: {path}:7: expected 2 fields, got 1"):
-        cli_main(args)
-    with pytest.warns(UserWarning, match="skipped 1 bad line"):
-        cli_main([*args, "--skip-bad"])
+    rows = [f"{u}{sep}sku{data.item_ids[i - 1]}" for u, seq in zip(data.user_ids, data.sequences)
+            for i in seq]
+    path = tmp_path / name
+    path.write_text("\n".join([header, *rows[:5], *(["only-one-field"] if bad_line else []),
+                               *rows[5:]]) + "\n")
+    return path
+
+
+def _train_on_csv(path, out, *extra):
+    cli_main(["train", "--data", str(path), "--format", "csv", "--columns", "uid,item_name",
+              "--sep", ";", "--epochs", "1", "--max-len", "10", "--hidden", "16", "--no-progress",
+              "--out", out, *extra])
     with open(os.path.join(out, "metrics.json")) as f:
-        metrics = json.load(f)
+        return json.load(f)
+
+
+def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_path, capsys):
+    path = _events_csv(tmp_path)
+    out = str(tmp_path / "run")
+    with pytest.raises(SystemExit, match=rf"pka-rec train: {path}:7: expected 2 fields, got 1"):
+        _train_on_csv(path, out)
+    with pytest.warns(UserWarning, match="skipped 1 bad line"):
+        metrics = _train_on_csv(path, out, "--skip-bad")
     assert metrics["dataset"] == "events"
     assert metrics["config"]["data"]["columns"] == ["uid", "item_name"]
     assert RunConfig.from_dict(metrics["config"]).to_dict() == metrics["config"]
     capsys.readouterr()
+    ckpt = os.path.join(out, "checkpoint.pt")
     with pytest.warns(UserWarning, match="skipped 1 bad line"):
         # The checkpoint's config reads the file as training did: the same columns, separator, skip.
-        cli_main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt")])
+        cli_main(["evaluate", "--checkpoint", ckpt])
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["test"]["ndcg@10"] == pytest.approx(metrics["test"]["ndcg@10"], abs=1e-12)
+    # The same events in another layout: evaluate's reading flags override the training run's.
+    tsv = _events_csv(tmp_path, "events.tsv", header="user\tsku", sep="\t", bad_line=False)
+    cli_main(["evaluate", "--checkpoint", ckpt, "--data", str(tsv), "--columns", "user,sku",
+              "--sep", "tab"])
+    assert json.loads(capsys.readouterr().out) == evaluated
+
+
+def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
+    path = _events_csv(tmp_path, bad_line=False)
+    out = str(tmp_path / "run")
+    _train_on_csv(path, out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    recs = str(tmp_path / "recs.csv")
+    cli_main(["recommend", "--checkpoint", ckpt, "--data", str(path), "-k", "4", "--out", recs])
+    assert "wrote top-4 items for 150 of 150 users" in capsys.readouterr().err
+    with open(recs, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["user", "rank", "item", "score"] and len(rows) == 1 + 150 * 4
+    rec = Recommender.load(ckpt)
+    data = load(str(path), "csv", user_col="uid", item_col="item_name", time_col=None, sep=";")
+    for u in (0, 77, 149):
+        history = data.vocab.decode(data.sequences[u])
+        expected = rec.recommend(history, 4, with_scores=True)
+        got = rows[1 + 4 * u: 5 + 4 * u]
+        assert [r[:3] for r in got] == [[data.user_ids[u], str(i + 1), item]
+                                        for i, (item, _) in enumerate(expected)]
+        assert [float(r[3]) for r in got] == pytest.approx([s for _, s in expected], rel=1e-5)
+        assert not set(history) & {item for item, _ in expected}
+    cli_main(["recommend", "--checkpoint", ckpt, "--data", str(path), "-k", "40",
+              "--include-seen"])
+    printed = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert len(printed) == 1 + 150 * 40  # every item, seen ones included
+    with pytest.raises(SystemExit, match="--columns, --out apply to --data, not --history"):
+        cli_main(["recommend", "--checkpoint", ckpt, "--history", "sku3", "--columns", "a,b",
+                  "--out", recs])
 
 
 @pytest.mark.parametrize("flags,match", [

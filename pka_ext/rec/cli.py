@@ -7,6 +7,7 @@ nccl on CUDA); the global batch is split across ranks and rank 0 evaluates and w
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import json
 import os
@@ -144,15 +145,30 @@ def cmd_train(args) -> None:
             dist.destroy_process_group()
 
 
-def cmd_evaluate(args) -> None:
-    ckpt = load_checkpoint(args.checkpoint, args.device)
-    cfg = RunConfig.from_dict(ckpt["config"])
-    dc = cfg.data
+def _data_config(args, dc: DataConfig) -> DataConfig:
+    """The training run's data config with evaluate's / recommend's --data, --format, ... applied."""
     if args.format is not None and args.format != dc.format:
         # The training run's csv columns and separator describe its file, not this one.
         dc = dataclasses.replace(dc, format=args.format, columns=None, sep=None)
+    changes = {}
     if args.data is not None:
-        dc.path = args.data
+        changes["path"] = args.data
+    if args.columns is not None:
+        changes["columns"] = args.columns.split(",")
+    if args.sep is not None:
+        changes["sep"] = _separator(args.sep)
+    if args.skip_bad:
+        changes["skip_bad"] = True
+    try:
+        return dataclasses.replace(dc, **changes)
+    except ValueError as e:
+        raise SystemExit(f"pka-rec {args.command}: {e}") from None
+
+
+def cmd_evaluate(args) -> None:
+    ckpt = load_checkpoint(args.checkpoint, args.device)
+    cfg = RunConfig.from_dict(ckpt["config"])
+    dc = _data_config(args, cfg.data)
     data = load_interactions(dc, cfg.train.seed)
     if data.item_ids != ckpt["id_maps"]["items"]:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
@@ -166,7 +182,30 @@ def cmd_evaluate(args) -> None:
 
 def cmd_recommend(args) -> None:
     rec = Recommender.load(args.checkpoint, args.device)
-    print(" ".join(rec.recommend(args.history.split(), args.k)))
+    exclude_seen = not args.include_seen
+    if args.history is not None:
+        given = [flag for flag, value in (("--format", args.format), ("--columns", args.columns),
+                                          ("--sep", args.sep), ("--skip-bad", args.skip_bad),
+                                          ("--out", args.out != "-")) if value]
+        if given:
+            raise SystemExit(f"pka-rec recommend: {', '.join(given)} apply to --data, not --history")
+        print(" ".join(rec.recommend(args.history.split(), args.k, exclude_seen=exclude_seen)))
+        return
+    data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
+    histories = [data.vocab.decode(s) for s in data.sequences]
+    recs = rec.recommend(histories, args.k, exclude_seen=exclude_seen, with_scores=True)
+    f = sys.stdout if args.out == "-" else open(args.out, "w", newline="")
+    try:
+        w = csv.writer(f)
+        w.writerow(["user", "rank", "item", "score"])
+        for user, top in zip(data.user_ids, recs):
+            w.writerows((user, r, item, f"{score:.6g}") for r, (item, score) in enumerate(top, 1))
+    finally:
+        if f is not sys.stdout:
+            f.close()
+    if args.out != "-":
+        print(f"wrote top-{args.k} items for {sum(map(bool, recs))} of {len(recs)} users to "
+              f"{args.out}", file=sys.stderr)
 
 
 def cmd_plot(args) -> None:
@@ -208,6 +247,20 @@ def _option(parser, *flags, help: str, **kw) -> None:
     if kw.get("default") is not None and kw.get("action") != "store_true":
         help += " (default: %(default)s)"
     parser.add_argument(*flags, help=help, **kw)
+
+
+def _data_options(parser, *, data: bool = True) -> None:
+    """evaluate's and recommend's data file options; each defaults to the training run's."""
+    if data:
+        _option(parser, "--data", default=None, help="data file (default: the one it was trained on)")
+    _option(parser, "--format", default=None, choices=sorted(FORMATS) + ["synthetic"],
+            help="its format (default: the training run's)")
+    _option(parser, "--columns", default=None, metavar="USER,ITEM[,TIME]",
+            help="csv: user, item and time column names (default: the training run's)")
+    _option(parser, "--sep", default=None,
+            help="csv: the field separator, one character or 'tab' (default: the training run's)")
+    _option(parser, "--skip-bad", action="store_true",
+            help="skip malformed data lines with one warning (default: the training run's choice)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,17 +331,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="recompute val/test metrics of a checkpoint")
     _option(e, "--checkpoint", required=True, help="a checkpoint.pt written by train")
-    _option(e, "--data", default=None, help="data file (default: the one it was trained on)")
-    _option(e, "--format", default=None, choices=sorted(FORMATS) + ["synthetic"],
-            help="its format (default: the training run's)")
+    _data_options(e)
     _option(e, "--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(fn=cmd_evaluate)
 
-    r = sub.add_parser("recommend", help="top-k items for a history of original item ids")
+    r = sub.add_parser("recommend", help="top-k items for a history, or for every user of a file")
     _option(r, "--checkpoint", required=True, help="a checkpoint.pt written by train")
-    _option(r, "--history", required=True,
-            help='space-separated item ids, oldest first, e.g. "12 7 99"')
+    which = r.add_mutually_exclusive_group(required=True)
+    _option(which, "--history", default=None,
+            help='space-separated item ids, oldest first, e.g. "12 7 99"; prints the top k')
+    _option(which, "--data", default=None,
+            help="a data file: recommends for each of its users from their whole history and writes "
+            "CSV rows user,rank,item,score (see --out)")
+    _data_options(r, data=False)
     _option(r, "-k", type=int, default=10, help="how many items")
+    _option(r, "--include-seen", action="store_true",
+            help="allow items of the history in the recommendations (default: leave them out)")
+    _option(r, "--out", default="-", help="--data: the CSV file, '-' for standard output")
     _option(r, "--device", default="cpu", help="cpu, cuda or cuda:N")
     r.set_defaults(fn=cmd_recommend)
 

@@ -60,37 +60,55 @@ class Recommender:
         model.load_state_dict(ckpt["model_state"])
         return cls(model, config, ItemVocab.from_dict(ckpt["id_maps"]), device)
 
-    def recommend(self, history, k: int = 10, *, exclude_seen: bool = True, batch_size: int = 512):
+    def recommend(self, history, k: int = 10, *, exclude_seen: bool = True, batch_size: int = 512,
+                  with_scores: bool = False):
         """Top-``k`` original item ids for one history or a batch of histories.
 
         Parameters
         ----------
         history : list of ids, or list of lists of ids
-            Original item ids (str or int), oldest first. Ids unknown to the model are skipped
-            with a warning.
+            Original item ids (str or int), oldest first. Ids unknown to the model are skipped,
+            with one warning for the whole call that counts them.
         k : int
         exclude_seen : bool
             Leave items of the history out of the recommendations.
+        batch_size : int
+            Histories scored per forward pass.
+        with_scores : bool
+            Return ``(item, score)`` pairs, the score being the model's logit.
 
         Returns
         -------
-        list of str, or list of lists of str (batched input)
+        list of str (or of (str, float) pairs), or one such list per history (batched input)
+            Best first. A history with no item known to the model gets an empty list (the model
+            has nothing to condition on), with a warning; one that covers all but a few items of
+            the catalogue gets fewer than ``k`` when ``exclude_seen`` leaves fewer.
         """
         if k < 1 or k > len(self.vocab):
             raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
         single = len(history) == 0 or not isinstance(history[0], (list, tuple, np.ndarray))
         histories = [history] if single else list(history)
-        contexts = []
+        contexts, unknown = [], []
         for h in histories:
             raw = [str(x) for x in h]
             enc = self.vocab.encode(raw, unknown="skip")
             if len(enc) < len(raw):
-                unknown = [r for r in raw if r not in self.vocab.index]
-                warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: {unknown[:5]}")
+                unknown.extend(r for r in raw if r not in self.vocab.index)
             contexts.append(enc)
-        exclude = contexts if exclude_seen else [np.zeros(0, np.int64)] * len(contexts)
-        out = [None] * len(contexts)
-        for rows, s in score_contexts(self.model, contexts, self.device, batch_size, exclude=exclude):
-            for r, top in zip(rows, s.topk(k, dim=1).indices.cpu().numpy()):
-                out[r] = self.vocab.decode(top)
+        if unknown:
+            warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: "
+                          f"{sorted(set(unknown))[:5]}", stacklevel=2)
+        out = [[] for _ in contexts]
+        scored = [i for i, c in enumerate(contexts) if len(c)]
+        if len(scored) < len(contexts):
+            warnings.warn(f"{len(contexts) - len(scored)} histories have no item known to the "
+                          f"model and get no recommendations", stacklevel=2)
+        known = [contexts[i] for i in scored]
+        exclude = known if exclude_seen else [np.zeros(0, np.int64)] * len(known)
+        for rows, s in score_contexts(self.model, known, self.device, batch_size, exclude=exclude):
+            top = s.topk(k, dim=1)
+            for r, ids, vals in zip(rows, top.indices.cpu().numpy(), top.values.cpu().numpy()):
+                ids, vals = ids[np.isfinite(vals)], vals[np.isfinite(vals)]
+                items = self.vocab.decode(ids)
+                out[scored[r]] = list(zip(items, vals.tolist())) if with_scores else items
         return out[0] if single else out

@@ -366,6 +366,8 @@ def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
               "--include-seen"])
     printed = list(csv.reader(capsys.readouterr().out.splitlines()))
     assert len(printed) == 1 + 150 * 40  # every item, seen ones included
+    with pytest.raises(SystemExit, match=r"pka-rec recommend: -k must be in \[1, 40\], got 41"):
+        cli_main(["recommend", "--checkpoint", ckpt, "--data", str(path), "-k", "41"])
     with pytest.raises(SystemExit, match="--columns, --out apply to --data, not --history"):
         cli_main(["recommend", "--checkpoint", ckpt, "--history", "sku3", "--columns", "a,b",
                   "--out", recs])

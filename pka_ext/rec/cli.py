@@ -182,6 +182,8 @@ def cmd_evaluate(args) -> None:
 
 def cmd_recommend(args) -> None:
     rec = Recommender.load(args.checkpoint, args.device)
+    if not 1 <= args.k <= len(rec.vocab):
+        raise SystemExit(f"pka-rec recommend: -k must be in [1, {len(rec.vocab)}], got {args.k}")
     exclude_seen = not args.include_seen
     if args.history is not None:
         given = [flag for flag, value in (("--format", args.format), ("--columns", args.columns),

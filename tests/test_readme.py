@@ -9,6 +9,7 @@ import shlex
 
 import torch
 
+from pka_ext.rec import Recommender
 from pka_ext.rec.cli import build_parser, main as cli_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,7 +22,7 @@ def readme_blocks(language: str) -> list[str]:
 
 
 def test_op_module_and_padding_examples_run():
-    quickstart, padding, _ = readme_blocks("python")
+    quickstart, padding, _, _ = readme_blocks("python")
     ns: dict = {}
     exec(compile(quickstart, "README quickstart", "exec"), ns)
     B, T = ns["B"], ns["T"]
@@ -35,7 +36,7 @@ def test_op_module_and_padding_examples_run():
 
 
 def test_recommender_example_runs(tmp_path, monkeypatch):
-    *_, recommender = readme_blocks("python")
+    _, _, recommender, _ = readme_blocks("python")
     monkeypatch.chdir(tmp_path)
     # The README trains runs/psa with the synthetic data first; a small run of the same command.
     cli_main(["train", "--format", "synthetic", "--model", "psa", "--epochs", "1", "--max-len", "20",
@@ -47,6 +48,17 @@ def test_recommender_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README recommender", "exec"), ns)  # keeping both results
     assert len(ns["top"]) == 10 and not {"12", "7", "99"} & set(ns["top"])
     assert [item for item, _ in ns["scored"]] == ns["top"][:3]
+
+
+def test_training_from_python_example_runs(tmp_path, monkeypatch):
+    *_, training = readme_blocks("python")
+    monkeypatch.chdir(tmp_path)
+    ns: dict = {}
+    exec(compile(training, "README training from Python", "exec"), ns)
+    assert ns["data"].num_users == 300 and ns["data"].num_events == 6000
+    assert ns["metrics"]["dataset"] == "mine" and ns["metrics"]["epochs_run"] == 2
+    rec = Recommender.load("runs/mine/checkpoint.pt")
+    assert len(rec.recommend(["i3", "i7"], k=5)) == 5
 
 
 def test_cli_examples_parse():

@@ -202,6 +202,33 @@ def test_recbole_skip_bad(tmp_path):
     assert raw_seqs(data) == [["5", "2"]]
 
 
+# --- in-memory events ---------------------------------------------------------------------------
+
+def test_from_events_numbers_and_orders_like_the_csv_reader(tmp_path):
+    text = "timestamp,item_id,user_id\n3,i1,u1\n1,i2,u1\n2,i1,u2\n1,i3,u1\n"
+    from_file = read_csv(write(tmp_path, "d.csv", text))
+    data = Interactions.from_events(np.array(["u1", "u1", "u2", "u1"]), ["i1", "i2", "i1", "i3"],
+                                    times=np.array([3, 1, 2, 1]))
+    assert (data.user_ids, data.item_ids) == (from_file.user_ids, from_file.item_ids)
+    assert raw_seqs(data) == raw_seqs(from_file) == [["i2", "i3", "i1"], ["i1"]]
+    assert [t.tolist() for t in data.timestamps] == [[1, 1, 3], [2]]
+    untimed = Interactions.from_events([7, "7", 8], [1, 2, 1.0])  # ids are str(id)
+    assert untimed.timestamps is None and untimed.user_ids == ["7", "8"]
+    assert raw_seqs(untimed) == [["1", "2"], ["1.0"]]
+
+
+@pytest.mark.parametrize("users,items,times,match", [
+    (["u1", "u2"], ["i1"], None, "users has 2 events but items has 1"),
+    (["u1", "u2"], ["i1", "i2"], [1.0, float("nan")], r"times\[1\] is nan, not a finite number"),
+    (["u1", "u2"], ["i1", "i2"], [1.0], r"times has shape \(1,\), expected \(2,\)"),
+    (["u1", ""], ["i1", "i2"], None, "event 1: empty user or item id"),
+    ([], [], None, "events: empty: no data rows"),
+])
+def test_from_events_rejects_bad_columns(users, items, times, match):
+    with pytest.raises(DataError, match=match):
+        Interactions.from_events(users, items, times)
+
+
 # --- CSV ----------------------------------------------------------------------------------------
 
 def test_csv_comma_with_time(tmp_path):

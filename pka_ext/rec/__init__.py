@@ -4,6 +4,7 @@ The names a user's code needs are here; the modules hold the rest (``pka_ext.rec
 readers, ``.protocols``, ``.evaluate``, ``.train``, ``.cli``).
 """
 
+from pka_ext.rec.cli import train_run
 from pka_ext.rec.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pka_ext.rec.data import DataError, Interactions, load
 from pka_ext.rec.models import SeqRecModel
@@ -21,4 +22,5 @@ __all__ = [
     "TrainConfig",
     "load",
     "make_synthetic",
+    "train_run",
 ]

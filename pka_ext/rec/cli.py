@@ -45,11 +45,17 @@ def _metrics(m: dict, k: int) -> dict:
     return {key: m[key] for key in (f"ndcg@{k}", f"hr@{k}", f"cov@{k}")}
 
 
-def train_run(cfg: RunConfig, out_dir: str, *, resume: str | None = None, log=print,
-              progress: bool = True) -> dict:
-    """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt."""
+def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
+              resume: str | None = None, log=print, progress: bool = True) -> dict:
+    """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt.
+
+    ``data`` (e.g. from :meth:`Interactions.from_events`) is used instead of reading
+    ``cfg.data``'s file; ``cfg.data`` still gives the protocol and the data set's name.
+    Returns the metrics also written to ``metrics.json``.
+    """
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    data = load_interactions(cfg.data, cfg.train.seed)
+    if data is None:
+        data = load_interactions(cfg.data, cfg.train.seed)
     split = make_split(data, cfg.data)
     cfg.model.num_items = split.num_items
     torch.manual_seed(cfg.train.seed)

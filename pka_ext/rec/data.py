@@ -212,6 +212,44 @@ class Interactions:
                 times.append(t)
             self.timestamps = times
 
+    @classmethod
+    def from_events(cls, users: Iterable, items: Iterable,
+                    times: Iterable[float] | None = None) -> Interactions:
+        """Build from parallel event columns (a DataFrame's, say), numbered like the file readers.
+
+        Parameters
+        ----------
+        users, items : iterable
+            One user id and one item id per event. Ids are kept as ``str(id)``, so ``7`` and
+            ``"7"`` are the same item (and ``7.0`` another one).
+        times : iterable of float, optional
+            Event times; each user's events are sorted by them with a stable sort, so ties keep
+            their order. Without times the events are taken to be chronological per user.
+
+        Raises
+        ------
+        DataError
+            If the columns differ in length or hold no events, or an id is empty or a time is
+            not a finite number (naming the event's index).
+        """
+        users, items = [str(u) for u in users], [str(i) for i in items]
+        if len(users) != len(items):
+            raise DataError(f"users has {len(users)} events but items has {len(items)}")
+        t = None
+        if times is not None:
+            t = np.asarray(list(times), dtype=np.float64)
+            if t.shape != (len(users),):
+                raise DataError(f"times has shape {t.shape}, expected ({len(users)},)")
+            bad_t = np.flatnonzero(~np.isfinite(t))
+            if bad_t.size:
+                raise DataError(f"times[{bad_t[0]}] is {t[bad_t[0]]}, not a finite number")
+        out = _Builder("events", timed=t is not None)
+        for n, (u, i) in enumerate(zip(users, items)):
+            if not u or not i:
+                raise DataError(f"event {n}: empty user or item id")
+            out.add(u, i, None if t is None else float(t[n]))
+        return out.build(_BadLines("events", skip=False))
+
     @property
     def num_items(self) -> int:
         """Number of distinct items; remapped ids run from 1 to this."""

@@ -373,6 +373,22 @@ def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
                   "--out", recs])
 
 
+def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
+    from pka_ext.rec import DataConfig, Interactions, train_run
+
+    path = _events_csv(tmp_path, bad_line=False)
+    from_file = _train_on_csv(path, str(tmp_path / "file"))
+    lines = path.read_text().splitlines()[1:]
+    users, items = zip(*(line.split(";") for line in lines))
+    cfg = RunConfig.from_dict(from_file["config"])
+    cfg.data = DataConfig(protocol=cfg.data.protocol)
+    metrics = train_run(cfg, str(tmp_path / "memory"), data=Interactions.from_events(users, items),
+                        progress=False)
+    assert metrics["dataset"] == "events"  # not "synthetic", the format DataConfig defaults to
+    for split in ("val", "test"):
+        assert metrics[split] == from_file[split]
+
+
 @pytest.mark.parametrize("flags,match", [
     (["--format", "s3rec", "--data", "x.txt", "--columns", "u,i"],
      "columns and sep apply to the csv format only"),

@@ -54,8 +54,11 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     Returns the metrics also written to ``metrics.json``.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    name = cfg.data.dataset_name
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
+    elif not (cfg.data.name or cfg.data.path):
+        name = "events"  # not the name of the format the config happens to default to
     split = make_split(data, cfg.data)
     cfg.model.num_items = split.num_items
     torch.manual_seed(cfg.train.seed)
@@ -73,7 +76,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
         save_checkpoint(ckpt_path, model, cfg, data.id_maps(), train_state=vars(st))
 
     if rank == 0:
-        log(f"{cfg.data.dataset_name}: {data.num_users} users, {split.num_items} items, "
+        log(f"{name}: {data.num_users} users, {split.num_items} items, "
             f"{len(split.train)} training sequences, {len(split.val)} val / {len(split.test)} test "
             f"events ({cfg.data.protocol}); model {cfg.model.model}; {world} process(es)")
     t0 = time.perf_counter()
@@ -85,7 +88,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     kw = dict(k=k, batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
     metrics = {
         "model": cfg.model.model,
-        "dataset": cfg.data.dataset_name,
+        "dataset": name,
         "protocol": cfg.data.protocol,
         "val": _metrics(evaluate(model, split.val, split.num_items, **kw), k),
         "test": _metrics(evaluate(model, split.test, split.num_items, **kw), k),

@@ -73,6 +73,17 @@ def test_evaluate_excludes_context_but_keeps_repeated_target():
     assert m["ndcg@1"] == pytest.approx(1 / 3)
     assert m["cov@1"] == pytest.approx(3 / 5)  # top-1 lists: {3}, {1}, {2}
     assert m["events"] == 3
+    several = evaluate(model, es, num_items=5, k=[3, 1, 2])
+    assert list(several) == ["ndcg@1", "ndcg@2", "ndcg@3", "hr@1", "hr@2", "hr@3",
+                             "cov@1", "cov@2", "cov@3", "events"]
+    for c in (1, 2, 3):
+        one = evaluate(model, es, num_items=5, k=c)
+        assert {key: several[key] for key in one} == one
+    # ranks 0, 1 and 2: row 1's target 2 is second, row 2's target 4 third
+    assert several["hr@2"] == pytest.approx(2 / 3) and several["hr@3"] == 1.0
+    assert several["ndcg@3"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    with pytest.raises(ValueError, match="k must be one or more positive cutoffs"):
+        evaluate(model, es, num_items=5, k=[0, 10])
 
 
 @pytest.mark.parametrize("name", ["psa", "sasrec", "nope", "rope"])
@@ -173,7 +184,7 @@ def test_cli_train_evaluate_recommend_plot(tmp_path, capsys):
         metrics = json.load(f)
     assert set(metrics) == {"model", "dataset", "protocol", "val", "test", "best_epoch",
                             "epochs_run", "train_seconds", "config"}
-    assert set(metrics["test"]) == {"ndcg@10", "hr@10", "cov@10"}
+    assert set(metrics["test"]) == {f"{m}@{k}" for m in ("ndcg", "hr", "cov") for k in (5, 10, 20)}
     assert metrics["model"] == "psa" and metrics["protocol"] == "loo"
     assert RunConfig.from_dict(metrics["config"]).to_dict() == metrics["config"]
     # the synthetic data is learnable: far above a random ranking's HR@10 of 10/500
@@ -182,7 +193,8 @@ def test_cli_train_evaluate_recommend_plot(tmp_path, capsys):
     capsys.readouterr()
     cli_main(["evaluate", "--checkpoint", ckpt])
     evaluated = json.loads(capsys.readouterr().out)
-    for key in ("ndcg@10", "hr@10", "cov@10"):
+    assert evaluated["test"].keys() == metrics["test"].keys()
+    for key in metrics["test"]:
         assert evaluated["test"][key] == pytest.approx(metrics["test"][key], abs=1e-12)
     cli_main(["recommend", "--checkpoint", ckpt, "--history", "12 7 99", "-k", "5"])
     printed = capsys.readouterr().out.split()
@@ -208,6 +220,20 @@ def test_recommend_scores_empty_and_unknown_histories(tmp_path):
     assert out[1] == out[2] == [] and out[0] == rec.recommend(["12"], 3) and len(out[3]) == 3
     everything = rec.vocab.decode(range(1, len(rec.vocab) + 1))
     assert sorted(rec.recommend(everything[2:], 5)) == sorted(everything[:2])  # fewer than k left
+
+
+def test_cli_report_k_sets_the_cutoffs_of_metrics_json(tmp_path, capsys):
+    out = _train_cli(tmp_path, "sasrec", ["--report-k", "50,1"])
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert list(metrics["test"]) == ["ndcg@1", "ndcg@10", "ndcg@50", "hr@1", "hr@10", "hr@50",
+                                     "cov@1", "cov@10", "cov@50"]  # 10: early stopping's cutoff
+    assert metrics["config"]["train"]["report_ks"] == [50, 1]
+    assert metrics["test"]["hr@1"] <= metrics["test"]["hr@10"] <= metrics["test"]["hr@50"]
+    for bad in ("0,10", "5,x", ""):
+        with pytest.raises(SystemExit):
+            cli_main(["train", "--report-k", bad, "--out", str(tmp_path / "bad")])
+        assert "expected positive integers such as 5,10,20" in capsys.readouterr().err
 
 
 def test_checkpoint_round_trip_and_batched_recommend(tmp_path):

@@ -41,8 +41,9 @@ def make_split(data: Interactions, dc: DataConfig):
     return temporal(data, dc.val_start, dc.test_start, max_eval_events=dc.max_eval_events)
 
 
-def _metrics(m: dict, k: int) -> dict:
-    return {key: m[key] for key in (f"ndcg@{k}", f"hr@{k}", f"cov@{k}")}
+def _metrics(m: dict) -> dict:
+    """evaluate's result without its event count."""
+    return {key: value for key, value in m.items() if key != "events"}
 
 
 def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
@@ -84,14 +85,13 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
                 on_epoch_end=on_epoch_end, progress=progress)
     if rank != 0:
         return {}
-    k = cfg.train.eval_k
-    kw = dict(k=k, batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
+    kw = dict(k=cfg.train.metric_ks, batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
     metrics = {
         "model": cfg.model.model,
         "dataset": name,
         "protocol": cfg.data.protocol,
-        "val": _metrics(evaluate(model, split.val, split.num_items, **kw), k),
-        "test": _metrics(evaluate(model, split.test, split.num_items, **kw), k),
+        "val": _metrics(evaluate(model, split.val, split.num_items, **kw)),
+        "test": _metrics(evaluate(model, split.test, split.num_items, **kw)),
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "train_seconds": state.train_seconds,
@@ -122,13 +122,25 @@ def _run_config(args) -> RunConfig:
                     add_positional_embedding=args.add_positional_embedding),
         TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                     patience=args.patience, seed=args.seed, loss=args.loss,
-                    num_negatives=args.negatives, device=args.device, amp=args.amp),
+                    num_negatives=args.negatives, device=args.device, amp=args.amp,
+                    report_ks=args.report_k),
         DataConfig(path=args.data, format=args.format, protocol=args.protocol,
                    val_start=args.val_start, test_start=args.test_start,
                    max_eval_events=args.max_eval_events, name=args.name,
                    columns=args.columns.split(",") if args.columns else None,
                    sep=_separator(args.sep), skip_bad=args.skip_bad),
     )
+
+
+def _cutoffs(text: str) -> list[int]:
+    """--report-k: comma-separated positive integers."""
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 5,10,20, got {text!r}")
+    return ks
 
 
 def _separator(sep: str | None) -> str | None:
@@ -183,8 +195,8 @@ def cmd_evaluate(args) -> None:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
     rec = Recommender.load(args.checkpoint, args.device)
     split = make_split(data, dc)
-    k = cfg.train.eval_k
-    out = {name: _metrics(evaluate(rec.model, es, split.num_items, k=k, device=args.device), k)
+    ks = cfg.train.metric_ks
+    out = {name: _metrics(evaluate(rec.model, es, split.num_items, k=ks, device=args.device))
            for name, es in (("val", split.val), ("test", split.test))}
     print(json.dumps(out, indent=2))
 
@@ -330,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--test-start", type=float, default=0.97, help="temporal: test quantile")
     _option(t, "--max-eval-events", type=int, default=None,
             help="temporal: evaluate at most this many held-out events (default: all of them)")
+    _option(t, "--report-k", type=_cutoffs, default="5,10,20", metavar="K[,K...]",
+            help="cutoffs of the NDCG, HR and COV in metrics.json (early stopping uses NDCG@10)")
     _option(t, "--device", default="cpu", help="cpu, cuda or cuda:N")
     _option(t, "--amp", action="store_true",
             help="bfloat16 autocast for training (evaluation stays float32)")

@@ -53,7 +53,9 @@ class TrainConfig:
     seed: int = 0
     loss: str = "ce"  # "ce": full-catalogue cross-entropy; "sampled": sampled softmax
     num_negatives: int = 256
-    eval_k: int = 10
+    eval_k: int = 10  # early stopping on validation NDCG at this cutoff
+    # Cutoffs reported in metrics.json besides eval_k; 5, 10, 20 as in the S3-Rec line of work.
+    report_ks: list[int] = field(default_factory=lambda: [5, 10, 20])
     eval_batch_size: int = 512
     device: str = "cpu"
     amp: bool = False  # bfloat16 autocast in the training steps; evaluation stays float32
@@ -61,6 +63,15 @@ class TrainConfig:
     def __post_init__(self):
         if self.loss not in ("ce", "sampled"):
             raise ValueError(f"loss must be 'ce' or 'sampled', got {self.loss!r}")
+        self.report_ks = list(self.report_ks)
+        if not all(isinstance(c, int) and c >= 1 for c in [self.eval_k, *self.report_ks]):
+            raise ValueError(f"eval_k and report_ks must be positive integers, got "
+                             f"{self.eval_k!r} and {self.report_ks!r}")
+
+    @property
+    def metric_ks(self) -> list[int]:
+        """Every reported cutoff: ``report_ks`` and ``eval_k``, ascending."""
+        return sorted({self.eval_k, *self.report_ks})
 
 
 @dataclass

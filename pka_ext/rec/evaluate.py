@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ def pad_left(seqs, length: int) -> np.ndarray:
     return out
 
 
-def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
-    """Per-event HR@k and NDCG@k from a score matrix, plus the top-k lists.
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """0-based rank of each event's target: [n] float64.
 
     scores: [n, N + 1] (column 0 = padding, already -inf along with excluded items); targets: [n].
     The rank counts items scoring strictly higher plus half of the other items tied with the
@@ -28,11 +29,14 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
     t = scores.gather(1, targets[:, None])  # [n, 1]
     higher = (scores > t).sum(1).double()
     ties = (scores == t).sum(1).double() - 1
-    rank = higher + ties / 2
+    return higher + ties / 2
+
+
+def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
+    """Per-event HR@k and NDCG@k (see :func:`target_ranks`), plus the top-k lists."""
+    rank = target_ranks(scores, targets)
     hit = (rank < k).double()
-    ndcg = hit / torch.log2(rank + 2)
-    topk = scores.topk(k, dim=1).indices
-    return hit, ndcg, topk
+    return hit, hit / torch.log2(rank + 2), scores.topk(k, dim=1).indices
 
 
 @torch.no_grad()
@@ -66,31 +70,32 @@ def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None,
 
 
 @torch.no_grad()
-def evaluate(model, evalset, num_items: int, *, k: int = 10, batch_size: int = 512,
-             device="cpu") -> dict:
+def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
+             batch_size: int = 512, device="cpu") -> dict:
     """Metrics of ``model`` on an :class:`~pka_ext.rec.protocols.EvalSet`.
 
     Full ranking over all items; items already in the context are excluded, except the target
     itself when it repeats an earlier item (excluding it would make the event unwinnable).
-    Returns ``{"ndcg@k", "hr@k", "cov@k", "events"}``.
+    ``k`` is one cutoff or several; returns ``{"ndcg@k", "hr@k", "cov@k"}`` for each, and
+    ``"events"``. COV@k is the share of the catalogue that appears in some top-k list.
     """
+    ks = sorted({k} if isinstance(k, int) else set(k))
+    if not ks or ks[0] < 1:
+        raise ValueError(f"k must be one or more positive cutoffs, got {k!r}")
     was_training = model.training
     model.eval()
     targets = np.asarray(evalset.targets, dtype=np.int64)
-    hits, ndcgs, tops = [], [], []
+    ranks, tops = [], []
     for rows, s in score_contexts(model, evalset.contexts, device, batch_size, keep=targets):
-        t = torch.from_numpy(targets[rows]).to(s.device)
-        hit, ndcg, topk = rank_metrics(s, t, k)
-        hits.append(hit)
-        ndcgs.append(ndcg)
-        tops.append(topk.flatten())
+        ranks.append(target_ranks(s, torch.from_numpy(targets[rows]).to(s.device)))
+        tops.append(s.topk(min(ks[-1], s.shape[1]), dim=1).indices)
     model.train(was_training)
-    if not hits:
-        return {f"ndcg@{k}": 0.0, f"hr@{k}": 0.0, f"cov@{k}": 0.0, "events": 0}
-    cov = torch.cat(tops).unique().numel() / num_items
-    return {
-        f"ndcg@{k}": torch.cat(ndcgs).mean().item(),
-        f"hr@{k}": torch.cat(hits).mean().item(),
-        f"cov@{k}": cov,
-        "events": len(targets),
-    }
+    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.float64)
+    top = torch.cat(tops) if tops else torch.zeros(0, ks[-1], dtype=torch.int64)
+    hits = {c: (rank < c).double() for c in ks}
+    out = {f"ndcg@{c}": (hits[c] / torch.log2(rank + 2)).mean().item() if ranks else 0.0
+           for c in ks}
+    out.update({f"hr@{c}": hits[c].mean().item() if ranks else 0.0 for c in ks})
+    out.update({f"cov@{c}": top[:, :c].unique().numel() / num_items for c in ks})
+    out["events"] = len(targets)
+    return out

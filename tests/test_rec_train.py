@@ -367,6 +367,13 @@ def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_p
     assert json.loads(capsys.readouterr().out) == evaluated
 
 
+def test_cli_refuses_to_resume_on_other_data(tmp_path):
+    ckpt = os.path.join(_train_cli(tmp_path), "checkpoint.pt")
+    path = _events_csv(tmp_path, bad_line=False)
+    with pytest.raises(SystemExit, match=f"pka-rec train: {ckpt}: its item id map does not match"):
+        _train_on_csv(path, str(tmp_path / "resumed"), "--resume", ckpt)
+
+
 def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
     path = _events_csv(tmp_path, bad_line=False)
     out = str(tmp_path / "run")
@@ -422,6 +429,7 @@ def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
     (["--format", "csv", "--data", "x.csv", "--columns", "u,,t"], "columns must name user, item"),
     (["--format", "csv", "--data", "x.csv", "--sep", ";;"], "sep must be one character"),
     (["--format", "csv", "--data", "no-such-file.csv"], "pka-rec train: .*no-such-file.csv"),
+    (["--format", "csv"], "pka-rec train: a data file is required for format 'csv'"),
 ])
 def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match):

@@ -12,98 +12,13 @@ import dataclasses
 import json
 import os
 import sys
-import time
 
-import torch
 import torch.distributed as dist
 
 from pka_ext.rec.config import MODELS, DataConfig, ModelConfig, RunConfig, TrainConfig
-from pka_ext.rec.data import FORMATS, DataError, Interactions, ItemVocab, load
-from pka_ext.rec.evaluate import evaluate
-from pka_ext.rec.models import SeqRecModel
-from pka_ext.rec.protocols import leave_one_out, temporal
-from pka_ext.rec.recommender import Recommender, load_checkpoint, save_checkpoint
-from pka_ext.rec.synthetic import make_synthetic
-from pka_ext.rec.train import TrainState, fit
-
-
-def load_interactions(dc: DataConfig, seed: int = 0) -> Interactions:
-    if dc.format == "synthetic":
-        return make_synthetic(seed=seed)
-    if not dc.path:
-        raise SystemExit(f"--data is required for --format {dc.format}")
-    return load(dc.path, dc.format, **dc.reader_options())
-
-
-def make_split(data: Interactions, dc: DataConfig):
-    if dc.protocol == "loo":
-        return leave_one_out(data)
-    return temporal(data, dc.val_start, dc.test_start, max_eval_events=dc.max_eval_events)
-
-
-def _metrics(m: dict) -> dict:
-    """evaluate's result without its event count."""
-    return {key: value for key, value in m.items() if key != "events"}
-
-
-def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
-              resume: str | None = None, log=print, progress: bool = True) -> dict:
-    """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt.
-
-    ``data`` (e.g. from :meth:`Interactions.from_events`) is used instead of reading
-    ``cfg.data``'s file; ``cfg.data`` still gives the protocol and the data set's name.
-    Returns the metrics also written to ``metrics.json``.
-    """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    name = cfg.data.dataset_name
-    if data is None:
-        data = load_interactions(cfg.data, cfg.train.seed)
-    elif not (cfg.data.name or cfg.data.path):
-        name = "events"  # not the name of the format the config happens to default to
-    split = make_split(data, cfg.data)
-    cfg.model.num_items = split.num_items
-    torch.manual_seed(cfg.train.seed)
-    model = SeqRecModel(cfg.model).to(cfg.train.device)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
-    state = None
-    if resume:
-        ckpt = load_checkpoint(resume, cfg.train.device)
-        if ckpt["id_maps"]["items"] != data.item_ids:
-            raise SystemExit(f"{resume}: its item id map does not match --data")
-        state = TrainState(**ckpt["train_state"])
-        log(f"resuming from {resume} after epoch {state.epoch}")
-
-    def on_epoch_end(st: TrainState):
-        save_checkpoint(ckpt_path, model, cfg, data.id_maps(), train_state=vars(st))
-
-    if rank == 0:
-        log(f"{name}: {data.num_users} users, {split.num_items} items, "
-            f"{len(split.train)} training sequences, {len(split.val)} val / {len(split.test)} test "
-            f"events ({cfg.data.protocol}); model {cfg.model.model}; {world} process(es)")
-    t0 = time.perf_counter()
-    state = fit(model, split, cfg.train, state=state, log=log if rank == 0 else (lambda *_: None),
-                on_epoch_end=on_epoch_end, progress=progress)
-    if rank != 0:
-        return {}
-    kw = dict(k=cfg.train.metric_ks, batch_size=cfg.train.eval_batch_size, device=cfg.train.device)
-    metrics = {
-        "model": cfg.model.model,
-        "dataset": name,
-        "protocol": cfg.data.protocol,
-        "val": _metrics(evaluate(model, split.val, split.num_items, **kw)),
-        "test": _metrics(evaluate(model, split.test, split.num_items, **kw)),
-        "best_epoch": state.best_epoch,
-        "epochs_run": state.epoch,
-        "train_seconds": state.train_seconds,
-        "config": cfg.to_dict(),
-    }
-    os.makedirs(out_dir, exist_ok=True)
-    save_checkpoint(ckpt_path, model, cfg, data.id_maps(), metrics=metrics, train_state=vars(state))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    log(f"test: {json.dumps(metrics['test'])}  (best epoch {state.best_epoch}, "
-        f"{time.perf_counter() - t0:.1f} s)")
-    return metrics
+from pka_ext.rec.data import FORMATS, DataError, ItemVocab
+from pka_ext.rec.recommender import Recommender, load_checkpoint
+from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
 
 
 def _init_distributed(device: str) -> None:
@@ -195,10 +110,7 @@ def cmd_evaluate(args) -> None:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
     rec = Recommender.load(args.checkpoint, args.device)
     split = make_split(data, dc)
-    ks = cfg.train.metric_ks
-    out = {name: _metrics(evaluate(rec.model, es, split.num_items, k=ks, device=args.device))
-           for name, es in (("val", split.val), ("test", split.test))}
-    print(json.dumps(out, indent=2))
+    print(json.dumps(evaluate_split(rec.model, split, cfg.train, args.device), indent=2))
 
 
 def cmd_recommend(args) -> None:

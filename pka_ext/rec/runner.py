@@ -1,0 +1,105 @@
+"""One training run: load the data, split it, train with early stopping, evaluate, save.
+
+``pka-rec train`` and ``pka-rec demo`` call :func:`train_run`; so can Python code, with the data
+in memory if it likes (``data=``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from pka_ext.rec.config import DataConfig, RunConfig, TrainConfig
+from pka_ext.rec.data import DataError, Interactions, load
+from pka_ext.rec.evaluate import evaluate
+from pka_ext.rec.models import SeqRecModel
+from pka_ext.rec.protocols import Split, leave_one_out, temporal
+from pka_ext.rec.recommender import load_checkpoint, save_checkpoint
+from pka_ext.rec.synthetic import make_synthetic
+from pka_ext.rec.train import TrainState, fit
+
+
+def load_interactions(dc: DataConfig, seed: int = 0) -> Interactions:
+    """The interactions ``dc`` names: its file read with its options, or the synthetic data."""
+    if dc.format == "synthetic":
+        return make_synthetic(seed=seed)
+    if not dc.path:
+        raise DataError(f"a data file is required for format {dc.format!r} (pka-rec: --data)")
+    return load(dc.path, dc.format, **dc.reader_options())
+
+
+def make_split(data: Interactions, dc: DataConfig) -> Split:
+    """``dc``'s protocol applied to ``data``: leave-one-out or the global temporal split."""
+    if dc.protocol == "loo":
+        return leave_one_out(data)
+    return temporal(data, dc.val_start, dc.test_start, max_eval_events=dc.max_eval_events)
+
+
+def evaluate_split(model, split: Split, cfg: TrainConfig, device=None) -> dict:
+    """``{"val": ..., "test": ...}``: NDCG, HR and COV at ``cfg.metric_ks`` (no event counts)."""
+    kw = dict(k=cfg.metric_ks, batch_size=cfg.eval_batch_size, device=device or cfg.device)
+    return {name: {key: value for key, value in evaluate(model, es, split.num_items, **kw).items()
+                   if key != "events"}
+            for name, es in (("val", split.val), ("test", split.test))}
+
+
+def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
+              resume: str | None = None, log=print, progress: bool = True) -> dict:
+    """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt.
+
+    ``data`` (e.g. from :meth:`Interactions.from_events`) is used instead of reading
+    ``cfg.data``'s file; ``cfg.data`` still gives the protocol and the data set's name.
+    Returns the metrics also written to ``metrics.json``.
+    """
+    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    name = cfg.data.dataset_name
+    if data is None:
+        data = load_interactions(cfg.data, cfg.train.seed)
+    elif not (cfg.data.name or cfg.data.path):
+        name = "events"  # not the name of the format the config happens to default to
+    split = make_split(data, cfg.data)
+    cfg.model.num_items = split.num_items
+    torch.manual_seed(cfg.train.seed)
+    model = SeqRecModel(cfg.model).to(cfg.train.device)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    state = None
+    if resume:
+        ckpt = load_checkpoint(resume, cfg.train.device)
+        if ckpt["id_maps"]["items"] != data.item_ids:
+            raise DataError(f"{resume}: its item id map does not match the data")
+        state = TrainState(**ckpt["train_state"])
+        log(f"resuming from {resume} after epoch {state.epoch}")
+
+    def on_epoch_end(st: TrainState):
+        save_checkpoint(ckpt_path, model, cfg, data.id_maps(), train_state=vars(st))
+
+    if rank == 0:
+        log(f"{name}: {data.num_users} users, {split.num_items} items, "
+            f"{len(split.train)} training sequences, {len(split.val)} val / {len(split.test)} test "
+            f"events ({cfg.data.protocol}); model {cfg.model.model}; {world} process(es)")
+    t0 = time.perf_counter()
+    state = fit(model, split, cfg.train, state=state, log=log if rank == 0 else (lambda *_: None),
+                on_epoch_end=on_epoch_end, progress=progress)
+    if rank != 0:
+        return {}
+    metrics = {
+        "model": cfg.model.model,
+        "dataset": name,
+        "protocol": cfg.data.protocol,
+        **evaluate_split(model, split, cfg.train),
+        "best_epoch": state.best_epoch,
+        "epochs_run": state.epoch,
+        "train_seconds": state.train_seconds,
+        "config": cfg.to_dict(),
+    }
+    os.makedirs(out_dir, exist_ok=True)
+    save_checkpoint(ckpt_path, model, cfg, data.id_maps(), metrics=metrics, train_state=vars(state))
+    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    log(f"test: {json.dumps(metrics['test'])}  (best epoch {state.best_epoch}, "
+        f"{time.perf_counter() - t0:.1f} s)")
+    return metrics

@@ -230,6 +230,12 @@ def test_cli_report_k_sets_the_cutoffs_of_metrics_json(tmp_path, capsys):
                                      "cov@1", "cov@10", "cov@50"]  # 10: early stopping's cutoff
     assert metrics["config"]["train"]["report_ks"] == [50, 1]
     assert metrics["test"]["hr@1"] <= metrics["test"]["hr@10"] <= metrics["test"]["hr@50"]
+    capsys.readouterr()
+    cli_main(["evaluate", "--checkpoint", os.path.join(out, "checkpoint.pt"), "--report-k", "50,3"])
+    evaluated = json.loads(capsys.readouterr().out)["test"]
+    assert list(evaluated) == ["ndcg@3", "ndcg@10", "ndcg@50", "hr@3", "hr@10", "hr@50",
+                               "cov@3", "cov@10", "cov@50"]
+    assert evaluated["ndcg@50"] == pytest.approx(metrics["test"]["ndcg@50"], abs=1e-12)
     for bad in ("0,10", "5,x", ""):
         with pytest.raises(SystemExit):
             cli_main(["train", "--report-k", bad, "--out", str(tmp_path / "bad")])

@@ -110,6 +110,8 @@ def cmd_evaluate(args) -> None:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
     rec = Recommender.load(args.checkpoint, args.device)
     split = make_split(data, dc)
+    if args.report_k is not None:
+        cfg.train = dataclasses.replace(cfg.train, report_ks=args.report_k)
     print(json.dumps(evaluate_split(rec.model, split, cfg.train, args.device), indent=2))
 
 
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="recompute val/test metrics of a checkpoint")
     _option(e, "--checkpoint", required=True, help="a checkpoint.pt written by train")
     _data_options(e)
+    _option(e, "--report-k", type=_cutoffs, default=None, metavar="K[,K...]",
+            help="cutoffs of the metrics (default: the training run's)")
     _option(e, "--device", default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(fn=cmd_evaluate)
 

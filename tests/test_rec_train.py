@@ -206,6 +206,19 @@ def test_cli_train_evaluate_recommend_plot(tmp_path, capsys):
     assert os.path.getsize(png) > 10_000
 
 
+def test_cli_demo_trains_both_models_and_prints_their_table(tmp_path, capsys):
+    cli_main(["demo", "--epochs", "1", "--out", str(tmp_path)])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| model | val NDCG@10 | test NDCG@10 |")
+    for model, row in zip(("psa", "sasrec"), rows[1:]):
+        with open(tmp_path / model / "metrics.json") as f:
+            metrics = json.load(f)
+        assert row.startswith(f"| {model} | {metrics['val']['ndcg@10']:.4f} | "
+                              f"{metrics['test']['ndcg@10']:.4f} | {metrics['test']['hr@10']:.4f} |")
+        assert metrics["test"]["hr@10"] > 0.1  # far above random (10 of 500 items) after one epoch
+    assert len(rows) == 3
+
+
 def test_recommend_scores_empty_and_unknown_histories(tmp_path):
     rec = Recommender.load(os.path.join(_train_cli(tmp_path, "psa"), "checkpoint.pt"))
     top = rec.recommend(["12", "7", "99"], 6, with_scores=True)

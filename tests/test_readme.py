@@ -48,6 +48,9 @@ def test_recommender_example_runs(tmp_path, monkeypatch):
     exec(compile(example, "README recommender", "exec"), ns)  # keeping both results
     assert len(ns["top"]) == 10 and not {"12", "7", "99"} & set(ns["top"])
     assert [item for item, _ in ns["scored"]] == ns["top"][:3]
+    logits = ns["users"][0] @ ns["items"].T
+    unseen = [ns["ids"][i] for i in logits.argsort()[::-1] if ns["ids"][i] not in {"12", "7", "99"}]
+    assert unseen[:3] == ns["top"][:3]
 
 
 def test_training_from_python_example_runs(tmp_path, monkeypatch):

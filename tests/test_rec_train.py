@@ -255,6 +255,22 @@ def test_cli_report_k_sets_the_cutoffs_of_metrics_json(tmp_path, capsys):
         assert "expected positive integers such as 5,10,20" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("model", ["psa", "rope"])
+def test_user_and_item_vectors_reproduce_the_scores(tmp_path, model):
+    rec = Recommender.load(os.path.join(_train_cli(tmp_path, model), "checkpoint.pt"))
+    histories = [["12", "7", "99"], ["3"], [], ["no-such-item"]]
+    with pytest.warns(UserWarning, match="skipping 1 item ids unknown"):
+        users = rec.user_vectors(histories)
+    ids, items = rec.item_vectors()
+    assert ids == rec.vocab.ids and users.shape == (4, 32) and items.shape == (len(ids), 32)
+    assert not users[2:].any()  # nothing known to condition on
+    scores = users @ items.T  # [4, N]
+    for history, row in zip(histories[:2], scores):
+        top = rec.recommend(history, 8, exclude_seen=False, with_scores=True)
+        assert [s for _, s in top] == pytest.approx([row[ids.index(i)] for i, _ in top], rel=1e-5)
+        assert {ids[i] for i in np.argsort(-row)[:8]} == {i for i, _ in top}
+
+
 def test_checkpoint_round_trip_and_batched_recommend(tmp_path):
     out = _train_cli(tmp_path, "sasrec")
     rec = Recommender.load(os.path.join(out, "checkpoint.pt"))

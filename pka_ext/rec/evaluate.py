@@ -40,9 +40,8 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
 
 
 @torch.no_grad()
-def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None, keep=None):
-    """Yields (row indices, scores [n, N + 1]) for histories; padding and, per row, the items of
-    ``exclude[row]`` (default: the full history) get -inf, except ``keep[row]`` if given.
+def encode_contexts(model, contexts, device, batch_size: int = 512):
+    """Yields (row indices, states [n, D]): each history's state at its most recent item.
 
     Histories are batched in order of length and each batch is padded only to its longest history:
     the models align the most recent item with the last position whatever the width, so this is
@@ -51,15 +50,24 @@ def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None,
     max_len = model.cfg.max_len
     lengths = np.array([min(len(c), max_len) for c in contexts], dtype=np.int64)
     order = np.argsort(lengths, kind="stable")
-    keep = None if keep is None else np.asarray(keep)
     for start in range(0, len(contexts), batch_size):
         idx = order[start:start + batch_size]
-        ctx = [contexts[i] for i in idx]
-        seqs = torch.from_numpy(pad_left(ctx, max(1, int(lengths[idx].max())))).to(device)
-        s = model.scores(model.encode(seqs)[:, -1]).float()  # [n, N + 1]
+        seqs = pad_left([contexts[i] for i in idx], max(1, int(lengths[idx].max())))
+        yield idx, model.encode(torch.from_numpy(seqs).to(device))[:, -1]
+
+
+@torch.no_grad()
+def score_contexts(model, contexts, device, batch_size: int = 512, exclude=None, keep=None):
+    """Yields (row indices, scores [n, N + 1]) for histories, batched as :func:`encode_contexts`;
+    padding and, per row, the items of ``exclude[row]`` (default: the full history) get -inf,
+    except ``keep[row]`` if given.
+    """
+    keep = None if keep is None else np.asarray(keep)
+    for idx, h in encode_contexts(model, contexts, device, batch_size):
+        s = model.scores(h).float()  # [n, N + 1]
         kept = None if keep is None else torch.as_tensor(keep[idx], device=device)
         kept_scores = None if kept is None else s.gather(1, kept[:, None])
-        ex = ctx if exclude is None else [exclude[i] for i in idx]
+        ex = [contexts[i] for i in idx] if exclude is None else [exclude[i] for i in idx]
         rows = np.concatenate([np.full(len(c), r) for r, c in enumerate(ex)] + [np.zeros(0, int)])
         cols = np.concatenate([np.asarray(c, dtype=np.int64) for c in ex] + [np.zeros(0, int)])
         s[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf

@@ -10,7 +10,7 @@ import torch
 
 from pka_ext.rec.config import RunConfig
 from pka_ext.rec.data import ItemVocab
-from pka_ext.rec.evaluate import score_contexts
+from pka_ext.rec.evaluate import encode_contexts, score_contexts
 from pka_ext.rec.models import SeqRecModel
 
 CHECKPOINT_FORMAT = "pka-rec-checkpoint/1"
@@ -60,6 +60,42 @@ class Recommender:
         model.load_state_dict(ckpt["model_state"])
         return cls(model, config, ItemVocab.from_dict(ckpt["id_maps"]), device)
 
+    def _encode_histories(self, histories) -> list[np.ndarray]:
+        """Remapped ids per history; unknown ids skipped with one warning for the whole call."""
+        contexts, unknown = [], []
+        for h in histories:
+            raw = [str(x) for x in h]
+            enc = self.vocab.encode(raw, unknown="skip")
+            if len(enc) < len(raw):
+                unknown.extend(r for r in raw if r not in self.vocab.index)
+            contexts.append(enc)
+        if unknown:
+            warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: "
+                          f"{sorted(set(unknown))[:5]}", stacklevel=3)
+        return contexts
+
+    def item_vectors(self) -> tuple[list[str], np.ndarray]:
+        """Original item ids and their output embeddings ``[N, D]`` (float32).
+
+        The models score with tied embeddings, so the score of an item after a history is the dot
+        product of :meth:`user_vectors` and the item's vector: the pair can serve top-k from an
+        approximate nearest-neighbour (maximum inner product) index.
+        """
+        weight = self.model.item_emb.weight[1:]  # row 0 is padding
+        return list(self.vocab.ids), weight.detach().float().cpu().numpy()
+
+    def user_vectors(self, histories, *, batch_size: int = 512) -> np.ndarray:
+        """The model's state after each history, ``[len(histories), D]`` (float32).
+
+        ``histories``: lists of original item ids, oldest first (unknown ids skipped with a
+        warning). A history with no known item gives a zero vector, which scores every item 0.
+        """
+        contexts = self._encode_histories(histories)
+        out = np.zeros((len(contexts), self.model.cfg.hidden), dtype=np.float32)
+        for rows, h in encode_contexts(self.model, contexts, self.device, batch_size):
+            out[rows] = h.float().cpu().numpy()
+        return out
+
     def recommend(self, history, k: int = 10, *, exclude_seen: bool = True, batch_size: int = 512,
                   with_scores: bool = False):
         """Top-``k`` original item ids for one history or a batch of histories.
@@ -88,16 +124,7 @@ class Recommender:
             raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
         single = len(history) == 0 or not isinstance(history[0], (list, tuple, np.ndarray))
         histories = [history] if single else list(history)
-        contexts, unknown = [], []
-        for h in histories:
-            raw = [str(x) for x in h]
-            enc = self.vocab.encode(raw, unknown="skip")
-            if len(enc) < len(raw):
-                unknown.extend(r for r in raw if r not in self.vocab.index)
-            contexts.append(enc)
-        if unknown:
-            warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: "
-                          f"{sorted(set(unknown))[:5]}", stacklevel=2)
+        contexts = self._encode_histories(histories)
         out = [[] for _ in contexts]
         scored = [i for i, c in enumerate(contexts) if len(c)]
         if len(scored) < len(contexts):

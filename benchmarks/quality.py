@@ -337,12 +337,37 @@ def _plot_curves(dataset: str, max_len: int, loss: str, rows: list[dict], result
     return path
 
 
+def _earlier_machines(env: dict) -> str:
+    """The machines of merged earlier reports, for the report's first line."""
+    seen = [f"{e['cpu']} ({e['cpu_count']} cores), torch {e['torch']}, report of {e['date']}"
+            for e in env.get("earlier_environments", [])]
+    return f"; cells from earlier reports ran on: {'; '.join(dict.fromkeys(seen))}" if seen else ""
+
+
+def _cell_dir(row: dict) -> str:
+    """A cell's output folder, which names it uniquely (table, data set, model, seed, ...)."""
+    return row["command"].rsplit("--out ", 1)[1].split()[0]
+
+
 def cmd_report(args) -> None:
     rows = _collect(args.out)
+    if args.merge:
+        # Cell folders do not outlive the machine they ran on; an earlier report's rows stand in
+        # for them, and a cell that ran again here replaces its old row.
+        with open(args.merge) as f:
+            earlier = json.load(f)
+        fresh = {_cell_dir(r) for r in rows}
+        rows = [r for r in earlier["cells"] if _cell_dir(r) not in fresh] + rows
     if not rows:
         raise SystemExit(f"no finished cells under {args.out}")
     os.makedirs(args.results, exist_ok=True)
     env = machine_info() | {"torch_threads": 1}
+    if args.merge:
+        # Merged cells ran where the earlier report was written (or where its own earlier one was).
+        env["earlier_environments"] = ([earlier["environment"]] if "environment" in earlier else []) \
+            + earlier.get("environment", {}).get("earlier_environments", [])
+        for e in env["earlier_environments"]:
+            e.pop("earlier_environments", None)
     main = sorted((r for r in rows if r["table"] == "main"),
                   key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"],
                                  MODELS.index(r["model"]), r["seed"]))
@@ -352,7 +377,7 @@ def cmd_report(args) -> None:
                   key=lambda r: (*_setting(r), MODELS.index(r["model"]), r["lr"], r["seed"]))
     md = ["# Quality study: PSA vs positional baselines", "",
           f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
-          f"{env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
+          f"{env['date']}{_earlier_machines(env)}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
           "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
           "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained). Runs shared the 2 cores "
           "with each other and were paused while speed benchmarks ran, so their wall times (in "
@@ -416,6 +441,9 @@ def main() -> None:
         q.add_argument("--out", default="runs/quality", help="where the cells' folders live")
     s.add_argument("--results", default=os.path.join(HERE, "results"))
     s.add_argument("--summary", default=None, help="markdown file with the written conclusions")
+    s.add_argument("--merge", default=None, metavar="QUALITY_JSON",
+                   help="also report the cells of an earlier quality.json (a cell finished under "
+                        "--out replaces its row)")
     args = p.parse_args()
     args.fn(args)
 

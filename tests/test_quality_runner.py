@@ -74,3 +74,40 @@ def test_finished_cell_without_record_is_adopted(tmp_path):
     assert calls(cell) == []
     with open(os.path.join(cell["dir"], "cell.json")) as f:
         assert json.load(f)["wall_seconds"] is None
+
+
+def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
+    import argparse
+
+    import torch
+
+    with open(os.path.join(os.path.dirname(quality.__file__), "results", "quality.json")) as f:
+        report = json.load(f)
+    earlier = report["cells"][:3]  # Beauty psa seeds 0-2
+    (tmp_path / "earlier.json").write_text(json.dumps({"environment": report["environment"],
+                                                       "cells": earlier}))
+    again = earlier[1]
+    cell_dir = tmp_path / quality._cell_dir(again).replace("runs/quality", "runs")
+    cell_dir.mkdir(parents=True)
+    keys = ("table", "dataset", "model", "variant", "seed", "command", "wall_seconds", "rc")
+    (cell_dir / "cell.json").write_text(json.dumps({k: again[k] for k in keys}))
+    test = {"ndcg@10": 0.5, "hr@10": 0.6, "cov@10": 0.7}
+    (cell_dir / "metrics.json").write_text(json.dumps({
+        "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
+        "config": {"train": {"epochs": 60, "lr": again["lr"], "loss": "ce"}, "model": {"max_len": 50}}}))
+    torch.save({"train_state": {"history": [{"val_ndcg@10": v} for v in (0.1, 0.5, 0.4)]}},
+               cell_dir / "checkpoint.pt")
+    results = tmp_path / "results"
+    quality.cmd_report(argparse.Namespace(out=str(tmp_path / "runs"), results=str(results),
+                                          summary=None, merge=str(tmp_path / "earlier.json")))
+    with open(results / "quality.json") as f:
+        merged = json.load(f)
+    cells = merged["cells"]
+    assert merged["environment"]["earlier_environments"] == [report["environment"]]
+    assert [c["seed"] for c in cells] == [0, 1, 2]  # the study's order, not the merge's
+    assert cells[0] == earlier[0] and cells[2] == earlier[2]
+    assert cells[1]["test"] == test and cells[1]["val_curve"] == [0.1, 0.5, 0.4]
+    md = (results / "quality.md").read_text()
+    mean = (earlier[0]["test"]["ndcg@10"] + 0.5 + earlier[2]["test"]["ndcg@10"]) / 3
+    assert f"| psa | 3 | {mean:.4f} ± " in md
+    assert f"cells from earlier reports ran on: {report['environment']['cpu']}" in md

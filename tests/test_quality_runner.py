@@ -82,10 +82,12 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     import torch
 
     with open(os.path.join(os.path.dirname(quality.__file__), "results", "quality.json")) as f:
-        report = json.load(f)
-    earlier = report["cells"][:3]  # Beauty psa seeds 0-2
-    (tmp_path / "earlier.json").write_text(json.dumps({"environment": report["environment"],
-                                                       "cells": earlier}))
+        earlier = json.load(f)["cells"][:3]  # Beauty psa seeds 0-2
+    oldest = dict(date="2026-01-01", torch="2.11.0", python="3.12.3", cpu="Oldest CPU", cpu_count=16,
+                  torch_threads=1)
+    older = dict(oldest, date="2026-02-02", cpu="Older CPU", cpu_count=2)
+    (tmp_path / "earlier.json").write_text(json.dumps({
+        "environment": dict(older, earlier_environments=[oldest]), "cells": earlier}))
     again = earlier[1]
     cell_dir = tmp_path / quality._cell_dir(again).replace("runs/quality", "runs")
     cell_dir.mkdir(parents=True)
@@ -103,11 +105,12 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     with open(results / "quality.json") as f:
         merged = json.load(f)
     cells = merged["cells"]
-    assert merged["environment"]["earlier_environments"] == [report["environment"]]
+    assert merged["environment"]["earlier_environments"] == [older, oldest]  # one flat list
     assert [c["seed"] for c in cells] == [0, 1, 2]  # the study's order, not the merge's
     assert cells[0] == earlier[0] and cells[2] == earlier[2]
     assert cells[1]["test"] == test and cells[1]["val_curve"] == [0.1, 0.5, 0.4]
     md = (results / "quality.md").read_text()
     mean = (earlier[0]["test"]["ndcg@10"] + 0.5 + earlier[2]["test"]["ndcg@10"]) / 3
     assert f"| psa | 3 | {mean:.4f} ± " in md
-    assert f"cells from earlier reports ran on: {report['environment']['cpu']}" in md
+    assert ("cells from earlier reports ran on: Older CPU (2 cores), torch 2.11.0, report of "
+            "2026-02-02; Oldest CPU (16 cores), torch 2.11.0, report of 2026-01-01.") in md

@@ -32,11 +32,15 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return higher + ties / 2
 
 
+def hit_ndcg(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-event HR@k and NDCG@k from 0-based target ranks."""
+    hit = (rank < k).double()
+    return hit, hit / torch.log2(rank + 2)
+
+
 def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
     """Per-event HR@k and NDCG@k (see :func:`target_ranks`), plus the top-k lists."""
-    rank = target_ranks(scores, targets)
-    hit = (rank < k).double()
-    return hit, hit / torch.log2(rank + 2), scores.topk(k, dim=1).indices
+    return (*hit_ndcg(target_ranks(scores, targets), k), scores.topk(k, dim=1).indices)
 
 
 @torch.no_grad()
@@ -100,10 +104,9 @@ def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
     model.train(was_training)
     rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.float64)
     top = torch.cat(tops) if tops else torch.zeros(0, ks[-1], dtype=torch.int64)
-    hits = {c: (rank < c).double() for c in ks}
-    out = {f"ndcg@{c}": (hits[c] / torch.log2(rank + 2)).mean().item() if ranks else 0.0
-           for c in ks}
-    out.update({f"hr@{c}": hits[c].mean().item() if ranks else 0.0 for c in ks})
+    per_k = {c: hit_ndcg(rank, c) for c in ks}
+    out = {f"ndcg@{c}": per_k[c][1].mean().item() if ranks else 0.0 for c in ks}
+    out.update({f"hr@{c}": per_k[c][0].mean().item() if ranks else 0.0 for c in ks})
     out.update({f"cov@{c}": top[:, :c].unique().numel() / num_items for c in ks})
     out["events"] = len(targets)
     return out

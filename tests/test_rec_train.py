@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -469,3 +470,50 @@ def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
 def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match):
         cli_main(["train", *flags, "--out", str(tmp_path / "o")])
+
+
+@pytest.mark.parametrize("flag,value,expected", [
+    ("--epochs", "0", "a positive integer"),
+    ("--batch-size", "0", "a positive integer"),
+    ("--hidden", "0", "a positive integer"),
+    ("--heads", "0", "a positive integer"),
+    ("--blocks", "-1", "a positive integer"),
+    ("--max-len", "x", "a positive integer"),
+    ("--patience", "0", "a positive integer"),
+    ("--negatives", "0", "a positive integer"),
+    ("--lr", "-1e-3", "a positive number"),
+    ("--lr", "nan", "a positive number"),
+    ("--dropout", "1", r"a number in \[0, 1\)"),
+])
+def test_cli_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value, expected):
+    # Each of these used to train nothing silently (--epochs 0, --negatives 0, --patience 0) or
+    # fail with a traceback from deep inside training (a zero batch size or width).
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["train", f"{flag}={value}", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(rf"argument {flag}: expected {expected}, got '{re.escape(value)}'", err), err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("cls,field,value,match", [
+    (ModelConfig, "hidden", 0, "hidden must be a positive integer, got 0"),
+    (ModelConfig, "num_heads", 0, "num_heads must be a positive integer, got 0"),
+    (ModelConfig, "num_blocks", 1.5, "num_blocks must be a positive integer, got 1.5"),
+    (ModelConfig, "num_items", -1, "num_items must be a non-negative integer"),
+    (ModelConfig, "dropout", 1.0, r"dropout must be a number in \[0, 1\), got 1.0"),
+    (ModelConfig, "block", "post_ln", "block must be one of .*'pre_ln'.*got 'post_ln'"),
+    (ModelConfig, "key_kernel", "band", "key_kernel must be one of .*got 'band'"),
+    (ModelConfig, "backend", "gpu", "backend must be one of .*got 'gpu'"),
+    (TrainConfig, "epochs", 0, "epochs must be a positive integer, got 0"),
+    (TrainConfig, "batch_size", True, "batch_size must be a positive integer, got True"),
+    (TrainConfig, "num_negatives", 0, "num_negatives must be a positive integer"),
+    (TrainConfig, "lr", 0.0, "lr must be a positive number, got 0.0"),
+    (TrainConfig, "weight_decay", -0.1, "weight_decay must be a non-negative number"),
+    (TrainConfig, "loss", "bpr", "loss must be 'ce' or 'sampled', got 'bpr'"),
+])
+def test_configs_reject_bad_fields_by_name(cls, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**{field: value})
+    cls(**{field: getattr(cls(), field)})  # the default passes
+    assert ModelConfig(num_items=np.int64(5)).num_items == 5  # numpy integers count as integers

@@ -10,6 +10,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import math
 import os
 import sys
 
@@ -56,6 +57,25 @@ def _cutoffs(text: str) -> list[int]:
     if not ks or min(ks) < 1:
         raise argparse.ArgumentTypeError(f"expected positive integers such as 5,10,20, got {text!r}")
     return ks
+
+
+def _checked(convert, ok, expected: str):
+    """An argparse type: ``convert`` the text, then require ``ok`` of the value, so that a bad
+    number is a usage error naming its flag rather than a traceback from deep in training."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
+
+
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+_probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 
 
 def _separator(sep: str | None) -> str | None:
@@ -225,14 +245,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="leave-one-out, or the global temporal split (needs timestamps)")
     _option(t, "--model", default="psa", choices=MODELS,
             help="PSA, or a baseline: learned absolute positions, none, rotary")
-    _option(t, "--epochs", type=int, default=50, help="most epochs (early stopping may end sooner)")
+    _option(t, "--epochs", type=_positive_int, default=50,
+            help="most epochs (early stopping may end sooner)")
     _option(t, "--seed", type=int, default=0,
             help="weights, batch order, dropout, negatives, synthetic data")
-    _option(t, "--max-len", type=int, default=50, help="context length T (the most recent items)")
-    _option(t, "--hidden", type=int, default=64, help="embedding and hidden size D")
-    _option(t, "--blocks", type=int, default=2, help="transformer blocks")
-    _option(t, "--heads", type=int, default=1, help="attention heads")
-    _option(t, "--dropout", type=float, default=0.2, help="embedding, attention and residual dropout")
+    _option(t, "--max-len", type=_positive_int, default=50,
+            help="context length T (the most recent items)")
+    _option(t, "--hidden", type=_positive_int, default=64, help="embedding and hidden size D")
+    _option(t, "--blocks", type=_positive_int, default=2, help="transformer blocks")
+    _option(t, "--heads", type=_positive_int, default=1, help="attention heads")
+    _option(t, "--dropout", type=_probability, default=0.2,
+            help="embedding, attention and residual dropout")
     _option(t, "--block", default="pre_ln", choices=["pre_ln", "authors"],
             help="pre-LN blocks, or the authors' (attention residual from LayerNorm(X))")
     k = t.add_argument_group("psa kernels (ablations; defaults are the paper's best setting)")
@@ -245,13 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
             help="train the kernels unnormalised (L2 for Toeplitz, Frobenius for full)")
     _option(k, "--add-positional-embedding", action="store_true",
             help="psa plus learned absolute positional embeddings")
-    _option(t, "--batch-size", type=int, default=128, help="sequences per step (global, under DDP)")
-    _option(t, "--lr", type=float, default=1e-3, help="Adam learning rate")
-    _option(t, "--patience", type=int, default=5,
+    _option(t, "--batch-size", type=_positive_int, default=128,
+            help="sequences per step (global, under DDP)")
+    _option(t, "--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
+    _option(t, "--patience", type=_positive_int, default=5,
             help="epochs without a better validation NDCG@10 before stopping")
     _option(t, "--loss", default="ce", choices=["ce", "sampled"],
             help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
-    _option(t, "--negatives", type=int, default=256, help="negatives for --loss sampled")
+    _option(t, "--negatives", type=_positive_int, default=256,
+            help="negatives for --loss sampled")
     _option(t, "--val-start", type=float, default=0.95, help="temporal: validation quantile")
     _option(t, "--test-start", type=float, default=0.97, help="temporal: test quantile")
     _option(t, "--max-eval-events", type=int, default=None,
@@ -285,7 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="a data file: recommends for each of its users from their whole history and writes "
             "CSV rows user,rank,item,score (see --out)")
     _data_options(r, data=False)
-    _option(r, "-k", type=int, default=10, help="how many items")
+    _option(r, "-k", type=_positive_int, default=10, help="how many items")
     _option(r, "--include-seen", action="store_true",
             help="allow items of the history in the recommendations (default: leave them out)")
     _option(r, "--out", default="-", help="--data: the CSV file, '-' for standard output")
@@ -300,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     pk.set_defaults(fn=cmd_plot)
 
     d = sub.add_parser("demo", help="PSA vs SASRec on the embedded synthetic data")
-    _option(d, "--epochs", type=int, default=8, help="most epochs per model")
+    _option(d, "--epochs", type=_positive_int, default=8, help="most epochs per model")
     _option(d, "--seed", type=int, default=0, help="data, weights and training")
     _option(d, "--out", default="runs/demo", help="folder for both runs")
     d.set_defaults(fn=cmd_demo)

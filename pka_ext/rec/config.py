@@ -4,9 +4,31 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from dataclasses import dataclass, field
 
+from pka_ext.modules import BACKENDS
+
 MODELS = ("psa", "sasrec", "nope", "rope")
+BLOCKS = ("pre_ln", "authors")
+KERNELS = ("toeplitz", "full")
+
+
+def _require(cfg, name: str, ok, expected: str) -> None:
+    """Raises a ValueError naming field ``name`` of ``cfg`` unless ``ok(value)``."""
+    value = getattr(cfg, name)
+    if not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def _int_at_least(minimum: int):
+    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
+
+
+def _number(ok):
+    return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
+        and ok(v)
 
 
 @dataclass
@@ -35,8 +57,13 @@ class ModelConfig:
     backend: str = "auto"
 
     def __post_init__(self):
-        if self.model not in MODELS:
-            raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
+        for name in ("hidden", "num_blocks", "num_heads", "max_len"):
+            _require(self, name, _int_at_least(1), "a positive integer")
+        _require(self, "num_items", _int_at_least(0), "a non-negative integer (0: from the data)")
+        _require(self, "dropout", _number(lambda v: 0 <= v < 1), "a number in [0, 1)")
+        for name, allowed in (("model", MODELS), ("block", BLOCKS), ("key_kernel", KERNELS),
+                              ("value_kernel", KERNELS), ("backend", BACKENDS)):
+            _require(self, name, allowed.__contains__, f"one of {allowed}")
         if self.hidden % self.num_heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by num_heads={self.num_heads}")
 
@@ -61,8 +88,11 @@ class TrainConfig:
     amp: bool = False  # bfloat16 autocast in the training steps; evaluation stays float32
 
     def __post_init__(self):
-        if self.loss not in ("ce", "sampled"):
-            raise ValueError(f"loss must be 'ce' or 'sampled', got {self.loss!r}")
+        for name in ("epochs", "batch_size", "patience", "num_negatives", "eval_batch_size"):
+            _require(self, name, _int_at_least(1), "a positive integer")
+        _require(self, "lr", _number(lambda v: v > 0), "a positive number")
+        _require(self, "weight_decay", _number(lambda v: v >= 0), "a non-negative number")
+        _require(self, "loss", ("ce", "sampled").__contains__, "'ce' or 'sampled'")
         self.report_ks = list(self.report_ks)
         if not all(isinstance(c, int) and c >= 1 for c in [self.eval_k, *self.report_ks]):
             raise ValueError(f"eval_k and report_ks must be positive integers, got "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
@@ -9,6 +11,13 @@ import python_ref
 from pka_ext.ops import pka_attention, seed_tensor
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
+
+
+def _check_sizes(**sizes) -> None:
+    """Raises a ValueError naming the first of ``sizes`` that is not a positive integer."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _check_backend(backend: str) -> None:
@@ -70,8 +79,9 @@ class PositionalKernel(nn.Module):
         super().__init__()
         if kind not in ("toeplitz", "full"):
             raise ValueError(f"kind must be 'toeplitz' or 'full', got {kind!r}")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+        _check_sizes(max_len=max_len)
+        if num_heads is not None:
+            _check_sizes(num_heads=num_heads)
         self.max_len, self.kind, self.normalize = max_len, kind, normalize
         self.fix_first = fix_first and kind == "toeplitz"
         self.num_heads = num_heads
@@ -141,8 +151,11 @@ class PKAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, max_len: int, dropout: float = 0.0,
                  bias: bool = True, backend: str = "auto"):
         super().__init__()
+        _check_sizes(embed_dim=embed_dim, num_heads=num_heads, max_len=max_len)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         _check_backend(backend)
         self.embed_dim, self.num_heads, self.max_len = embed_dim, num_heads, max_len
         self.head_dim = embed_dim // num_heads
@@ -210,6 +223,8 @@ def padding_mask(lengths: torch.Tensor | None, B: int, T: int, device) -> torch.
     """``[B, T]`` bool, True at real (non-padded) positions of left-padded sequences."""
     if lengths is None:
         return None
+    if lengths.shape != (B,):
+        raise ValueError(f"lengths must be [B] = [{B}], got shape {tuple(lengths.shape)}")
     pos = torch.arange(T, device=device)
     return pos[None, :] >= (T - lengths.to(device))[:, None]
 
@@ -247,9 +262,12 @@ class PKATransformer(nn.Module):
                  share_value_kernel: bool = True, normalize_kernels: bool = True,
                  per_head_kernels: bool = False, block: str = "pre_ln", backend: str = "auto"):
         super().__init__()
-        if num_layers < 1:
-            raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-        self.max_len = max_len
+        _check_sizes(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
+                     max_len=max_len, ffn_dim=embed_dim if ffn_dim is None else ffn_dim)
+        for name, kind in (("key_kernel", key_kernel), ("value_kernel", value_kernel)):
+            if kind not in ("toeplitz", "full"):
+                raise ValueError(f"{name} must be 'toeplitz' or 'full', got {kind!r}")
+        self.max_len, self.embed_dim = max_len, embed_dim
         heads = num_heads if per_head_kernels else None
 
         def kernels(kind: str, shared: bool) -> nn.ModuleList:
@@ -260,7 +278,8 @@ class PKATransformer(nn.Module):
         self.key_kernels = kernels(key_kernel, share_key_kernel)
         self.value_kernels = kernels(value_kernel, share_value_kernel)
         self.blocks = nn.ModuleList([
-            PKABlock(embed_dim, num_heads, max_len, ffn_dim or embed_dim, dropout, block, backend)
+            PKABlock(embed_dim, num_heads, max_len, embed_dim if ffn_dim is None else ffn_dim,
+                     dropout, block, backend)
             for _ in range(num_layers)
         ])
         self.final_ln = nn.LayerNorm(embed_dim)
@@ -273,8 +292,9 @@ class PKATransformer(nn.Module):
                 for i in range(len(self.blocks))]
 
     def forward(self, x: torch.Tensor, lengths: torch.Tensor | None = None) -> torch.Tensor:
-        if x.dim() != 3:
-            raise ValueError(f"x must be [B, T, D], got shape {tuple(x.shape)}")
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must be [B, T, embed_dim={self.embed_dim}], got shape "
+                             f"{tuple(x.shape)}")
         B, T, _ = x.shape
         if T > self.max_len:
             raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")

@@ -203,6 +203,32 @@ def test_transformer_rejects_long_sequences_and_bad_options():
         PKAttention(10, 3, max_len=4)
 
 
+@pytest.mark.parametrize("make,match", [
+    (lambda: PKATransformer(0, 8, 1, max_len=4), "num_layers must be a positive integer, got 0"),
+    (lambda: PKATransformer(1, 0, 1, max_len=4), "embed_dim must be a positive integer, got 0"),
+    (lambda: PKATransformer(1, 8, 0, max_len=4), "num_heads must be a positive integer, got 0"),
+    (lambda: PKATransformer(1, 8, 1, max_len=4.0), "max_len must be a positive integer, got 4.0"),
+    (lambda: PKATransformer(1, 8, 1, max_len=4, ffn_dim=0), "ffn_dim must be a positive integer"),
+    (lambda: PKATransformer(1, 8, 1, max_len=4, value_kernel="band"),
+     "value_kernel must be 'toeplitz' or 'full', got 'band'"),
+    (lambda: PKAttention(8, 1, max_len=4, dropout=1.0), r"dropout must be in \[0, 1\), got 1.0"),
+    (lambda: PositionalKernel(4, num_heads=0), "num_heads must be a positive integer, got 0"),
+])
+def test_bad_sizes_are_named_at_construction(make, match):
+    # Before, a zero width or head count failed later with a LayerNorm or ZeroDivisionError, a zero
+    # FFN width silently became embed_dim, and dropout 1.0 was refused only at the first forward.
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_transformer_names_wrong_width_and_lengths_shape():
+    m = PKATransformer(1, 8, 2, max_len=5)
+    with pytest.raises(ValueError, match=r"x must be \[B, T, embed_dim=8\], got shape \(2, 5, 7\)"):
+        m(torch.randn(2, 5, 7), torch.tensor([5, 3]))
+    with pytest.raises(ValueError, match=r"lengths must be \[B\] = \[2\], got shape \(3,\)"):
+        m(torch.randn(2, 5, 8), torch.tensor([5, 3, 1]))
+
+
 def test_cuda_backend_on_cpu_tensors_is_a_clear_error():
     m = PKAttention(8, 2, max_len=4, backend="cuda")
     A = torch.eye(4)

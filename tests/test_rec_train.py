@@ -283,6 +283,15 @@ def test_checkpoint_round_trip_and_batched_recommend(tmp_path):
     assert torch.equal(rec.model.scores(rec.model.encode(seqs)), rec2.model.scores(rec2.model.encode(seqs)))
     with pytest.warns(UserWarning, match="unknown"):
         rec.recommend(["1", "no-such-item"], 3)
+    # A string is not a history: iterated, its characters would be read as item ids ("12" -> "1",
+    # "2"), which are valid ids here, so it would recommend silently from the wrong history.
+    with pytest.raises(TypeError, match=r"not a string \('12 3'\); split it first"):
+        rec.recommend("12 3", 3)
+    with pytest.raises(TypeError, match=r"not a string \('12'\)"):
+        rec.user_vectors(["12", "3"])
+    for k in (0, 2.5, True, len(rec.vocab) + 1):
+        with pytest.raises(ValueError, match=rf"k must be in \[1, {len(rec.vocab)}\], got {k}"):
+            rec.recommend(["1"], k)
 
 
 def test_resume_continues_from_checkpoint(tmp_path):

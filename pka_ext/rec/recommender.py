@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 import warnings
 
@@ -64,6 +65,11 @@ class Recommender:
         """Remapped ids per history; unknown ids skipped with one warning for the whole call."""
         contexts, unknown = [], []
         for h in histories:
+            if isinstance(h, (str, bytes)):
+                # Iterating a string would read its characters as item ids.
+                raise TypeError(f"a history must be a list of item ids, oldest first, not a string "
+                                f"({h!r}); split it first, e.g. {h!r}.split(), and pass "
+                                f"user_vectors a list of histories")
             raw = [str(x) for x in h]
             enc = self.vocab.encode(raw, unknown="skip")
             if len(enc) < len(raw):
@@ -120,7 +126,8 @@ class Recommender:
             has nothing to condition on), with a warning; one that covers all but a few items of
             the catalogue gets fewer than ``k`` when ``exclude_seen`` leaves fewer.
         """
-        if k < 1 or k > len(self.vocab):
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
+                or not 1 <= k <= len(self.vocab):
             raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
         single = len(history) == 0 or not isinstance(history[0], (list, tuple, np.ndarray))
         histories = [history] if single else list(history)

@@ -221,8 +221,17 @@ def test_from_events_numbers_and_orders_like_the_csv_reader(tmp_path):
     (["u1", "u2"], ["i1"], None, "users has 2 events but items has 1"),
     (["u1", "u2"], ["i1", "i2"], [1.0, float("nan")], r"times\[1\] is nan, not a finite number"),
     (["u1", "u2"], ["i1", "i2"], [1.0], r"times has shape \(1,\), expected \(2,\)"),
-    (["u1", ""], ["i1", "i2"], None, "event 1: empty user or item id"),
+    (["u1", ""], ["i1", "i2"], None, r"users\[1\] is an empty id"),
     ([], [], None, "events: empty: no data rows"),
+    # Each of these used to be taken silently: a string as one event per character, a missing
+    # value (what a DataFrame holds for one) as the id "None" or "nan".
+    ("abc", "xyz", None, "users must be a column of values .*not a string"),
+    (["u1", "u2"], ["i1", "i2"], "12", "times must be a column of values"),
+    (["u1", None], ["i1", "i2"], None, r"users\[1\] is missing \(None\)"),
+    (["u1", "u2"], [float("nan"), "i2"], None, r"items\[0\] is missing \(nan\)"),
+    (["u1", "u2"], np.array([1.0, np.nan]), None, r"items\[1\] is missing"),
+    (["u1", "u2"], ["i1", "i2"], [1.0, "noon"], r"times\[1\] is 'noon', not a finite number"),
+    (["u1", "u2"], ["i1", "i2"], [None, 2.0], r"times\[0\] is None, not a finite number"),
 ])
 def test_from_events_rejects_bad_columns(users, items, times, match):
     with pytest.raises(DataError, match=match):

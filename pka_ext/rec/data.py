@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import csv
 import errno
+import numbers
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -159,6 +160,47 @@ class ItemVocab:
         return cls(list(maps["items"]))
 
 
+def _column(name: str, values: Iterable) -> list:
+    if isinstance(values, (str, bytes)):
+        # Iterating a string would make each character an event.
+        raise DataError(f"{name} must be a column of values (a list, array or Series), not a "
+                        f"string")
+    return list(values)
+
+
+def _missing(value) -> bool:
+    """None, a NaN or pandas' NA / NaT: what a DataFrame holds where a value is missing."""
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(value, numbers.Real) and value != value
+
+
+def _id_column(name: str, values: Iterable) -> list[str]:
+    """``str`` of each id; a missing or empty one is an error naming its index, not an id."""
+    out = _column(name, values)
+    for n, value in enumerate(out):
+        if _missing(value):
+            raise DataError(f"{name}[{n}] is missing ({value!r})")
+        out[n] = str(value)
+        if not out[n]:
+            raise DataError(f"{name}[{n}] is an empty id")
+    return out
+
+
+def _time_column(values: Iterable) -> np.ndarray:
+    """float64 times; one that is not a finite number is an error naming its index."""
+    values = _column("times", values)
+    t = np.empty(len(values), dtype=np.float64)
+    for n, value in enumerate(values):
+        try:
+            t[n] = float(value)
+        except (TypeError, ValueError):
+            t[n] = np.nan
+        if not np.isfinite(t[n]):
+            raise DataError(f"times[{n}] is {value!r}, not a finite number")
+    return t
+
+
 @dataclass
 class Interactions:
     """User-item interaction sequences with their id maps.
@@ -229,24 +271,20 @@ class Interactions:
         Raises
         ------
         DataError
-            If the columns differ in length or hold no events, or an id is empty or a time is
-            not a finite number (naming the event's index).
+            If a column is a string, the columns differ in length or hold no events, or an id is
+            empty or missing (None, NaN, pandas' NA) or a time is not a finite number (naming the
+            column and the event's index).
         """
-        users, items = [str(u) for u in users], [str(i) for i in items]
+        users, items = _id_column("users", users), _id_column("items", items)
         if len(users) != len(items):
             raise DataError(f"users has {len(users)} events but items has {len(items)}")
         t = None
         if times is not None:
-            t = np.asarray(list(times), dtype=np.float64)
+            t = _time_column(times)
             if t.shape != (len(users),):
                 raise DataError(f"times has shape {t.shape}, expected ({len(users)},)")
-            bad_t = np.flatnonzero(~np.isfinite(t))
-            if bad_t.size:
-                raise DataError(f"times[{bad_t[0]}] is {t[bad_t[0]]}, not a finite number")
         out = _Builder("events", timed=t is not None)
         for n, (u, i) in enumerate(zip(users, items)):
-            if not u or not i:
-                raise DataError(f"event {n}: empty user or item id")
             out.add(u, i, None if t is None else float(t[n]))
         return out.build(_BadLines("events", skip=False))
 

@@ -475,6 +475,10 @@ def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
     (["--format", "csv", "--data", "x.csv", "--sep", ";;"], "sep must be one character"),
     (["--format", "csv", "--data", "no-such-file.csv"], "pka-rec train: .*no-such-file.csv"),
     (["--format", "csv"], "pka-rec train: a data file is required for format 'csv'"),
+    # The built-in data ignores any file: this used to train on it under the file's name.
+    (["--format", "synthetic", "--data", "x.txt"],
+     r"a data file \(x.txt\) is given with format 'synthetic'"),
+    (["--format", "s3rec", "--data", "."], r"pka-rec train: \[Errno 21\] a folder, not a data file"),
 ])
 def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     with pytest.raises(SystemExit, match=match):
@@ -526,3 +530,42 @@ def test_configs_reject_bad_fields_by_name(cls, field, value, match):
         cls(**{field: value})
     cls(**{field: getattr(cls(), field)})  # the default passes
     assert ModelConfig(num_items=np.int64(5)).num_items == 5  # numpy integers count as integers
+
+
+def test_cli_train_takes_the_format_from_the_suffix_and_asks_for_it_otherwise(tmp_path):
+    path = _events_csv(tmp_path, "events.csv", header="user,sku", sep=",", bad_line=False)
+    out = str(tmp_path / "run")
+    cli_main(["train", "--data", str(path), "--columns", "user,sku", "--epochs", "1", "--max-len",
+              "10", "--hidden", "16", "--no-progress", "--out", out])
+    with open(os.path.join(out, "metrics.json")) as f:
+        metrics = json.load(f)
+    assert metrics["config"]["data"]["format"] == "csv" and metrics["dataset"] == "events"
+    # A .txt file is S3-Rec or SASRec lines: without --format this used to train on the built-in
+    # synthetic data and report it under the file's name.
+    txt = path.rename(tmp_path / "events.txt")
+    with pytest.raises(SystemExit, match=r"--format is needed for .*events.txt: s3rec"):
+        cli_main(["train", "--data", str(txt), "--out", str(tmp_path / "txt")])
+    assert not (tmp_path / "txt").exists()
+
+
+def test_cli_names_bad_paths_checkpoints_and_devices_in_one_line(tmp_path, capsys):
+    ckpt = os.path.join(_train_cli(tmp_path), "checkpoint.pt")
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with pytest.raises(SystemExit, match=r"\[Errno 20\] the output folder is a file: .*file"):
+        cli_main(["train", "--epochs", "1", "--out", str(not_a_folder)])
+    metrics = os.path.join(os.path.dirname(ckpt), "metrics.json")
+    with pytest.raises(SystemExit, match=rf"pka-rec evaluate: {metrics} is not a pka-rec-checkpoint"
+                                         r"/1 checkpoint \(torch.load: UnpicklingError\)"):
+        cli_main(["evaluate", "--checkpoint", metrics])
+    with pytest.raises(SystemExit):
+        cli_main(["recommend", "--checkpoint", ckpt, "--history", "1", "--device", "tpu"])
+    assert "argument --device: expected cpu, cuda or cuda:N, got 'tpu'" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            cli_main(["train", "--device", "cuda", "--out", str(tmp_path / "cuda")])
+        assert "argument --device: 'cuda': no CUDA device is available here" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"pka-rec plot-kernels: a data file \(x.txt\) is given "
+                                         r"with format 'synthetic'"):
+        cli_main(["plot-kernels", "--checkpoint", ckpt, "--data", "x.txt", "--out",
+                  str(tmp_path / "k.png")])

@@ -14,11 +14,12 @@ import math
 import os
 import sys
 
+import torch
 import torch.distributed as dist
 
 from pka_ext.rec.config import MODELS, DataConfig, ModelConfig, RunConfig, TrainConfig
 from pka_ext.rec.data import FORMATS, DataError, ItemVocab
-from pka_ext.rec.recommender import Recommender, load_checkpoint
+from pka_ext.rec.recommender import CheckpointError, Recommender, load_checkpoint
 from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
 
 
@@ -40,7 +41,8 @@ def _run_config(args) -> RunConfig:
                     patience=args.patience, seed=args.seed, loss=args.loss,
                     num_negatives=args.negatives, device=args.device, amp=args.amp,
                     report_ks=args.report_k),
-        DataConfig(path=args.data, format=args.format, protocol=args.protocol,
+        DataConfig(path=args.data, format=_train_format(args.data, args.format),
+                   protocol=args.protocol,
                    val_start=args.val_start, test_start=args.test_start,
                    max_eval_events=args.max_eval_events, name=args.name,
                    columns=args.columns.split(",") if args.columns else None,
@@ -76,6 +78,38 @@ def _checked(convert, ok, expected: str):
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+
+
+_SUFFIX_FORMATS = {".inter": "recbole", ".csv": "csv", ".tsv": "csv"}
+
+
+def _train_format(data: str | None, fmt: str | None) -> str:
+    """train's --format: as given; else the one --data's suffix names, or the synthetic data."""
+    if fmt is not None:
+        return fmt
+    if data is None:
+        return "synthetic"
+    suffix = os.path.splitext(data)[1].lower()
+    if suffix not in _SUFFIX_FORMATS:
+        raise ValueError(f"--format is needed for {data}: s3rec ('user item item ...' lines), "
+                         f"sasrec ('user item' lines), recbole or csv")
+    return _SUFFIX_FORMATS[suffix]
+
+
+def _device(text: str) -> str:
+    """--device: cpu, cuda or cuda:N that this machine has (checked before any work is done)."""
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
+                                         f"CUDA device(s)")
+    return text
 
 
 def _separator(sep: str | None) -> str | None:
@@ -171,9 +205,7 @@ def cmd_plot(args) -> None:
     rec = Recommender.load(args.checkpoint, args.device)
     contexts = None
     if args.data or rec.config.data.format == "synthetic":
-        dc = rec.config.data
-        dc.path = args.data or dc.path
-        data = load_interactions(dc, rec.config.train.seed)
+        data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
         contexts = [ItemVocab.from_dict(data.id_maps()).encode(rec.vocab.decode(s)) for s in data.sequences]
     plot_kernels(rec.model, args.out, contexts)
     print(f"wrote {args.out}")
@@ -227,10 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model, write metrics.json and checkpoint.pt")
     _option(t, "--data", default=None, help="data file (not needed for --format synthetic)")
-    _option(t, "--format", default="synthetic", choices=sorted(FORMATS) + ["synthetic"],
+    _option(t, "--format", default=None, choices=sorted(FORMATS) + ["synthetic"],
             help="s3rec: 'user item item ...' lines; sasrec: 'user item' lines in time order; "
             "recbole: an atomic .inter file; csv: a CSV/TSV with a header row (see --columns); "
-            "synthetic: the embedded generated data")
+            "synthetic: the embedded generated data (default: recbole for a .inter file, csv for "
+            ".csv and .tsv, required for other files; synthetic without --data)")
     _option(t, "--columns", default=None, metavar="USER,ITEM[,TIME]",
             help="csv: the header names of the user, item and time columns; name two for a file "
             "without times, whose rows are then in time order per user (default: "
@@ -283,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="temporal: evaluate at most this many held-out events (default: all of them)")
     _option(t, "--report-k", type=_cutoffs, default="5,10,20", metavar="K[,K...]",
             help="cutoffs of the NDCG, HR and COV in metrics.json (early stopping uses NDCG@10)")
-    _option(t, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _option(t, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     _option(t, "--amp", action="store_true",
             help="bfloat16 autocast for training (evaluation stays float32)")
     _option(t, "--name", default=None,
@@ -298,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(e)
     _option(e, "--report-k", type=_cutoffs, default=None, metavar="K[,K...]",
             help="cutoffs of the metrics (default: the training run's)")
-    _option(e, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _option(e, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     e.set_defaults(fn=cmd_evaluate)
 
     r = sub.add_parser("recommend", help="top-k items for a history, or for every user of a file")
@@ -314,14 +347,17 @@ def build_parser() -> argparse.ArgumentParser:
     _option(r, "--include-seen", action="store_true",
             help="allow items of the history in the recommendations (default: leave them out)")
     _option(r, "--out", default="-", help="--data: the CSV file, '-' for standard output")
-    _option(r, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _option(r, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     r.set_defaults(fn=cmd_recommend)
 
     pk = sub.add_parser("plot-kernels", help="draw learned kernels (psa) and mean attention (PNG)")
     _option(pk, "--checkpoint", required=True, help="a checkpoint.pt written by train")
-    _option(pk, "--data", default=None, help="data for the attention heatmap")
+    _option(pk, "--data", default=None,
+            help="data for the attention heatmap (default: the built-in data for a run trained on "
+            "it, else no heatmap)")
+    _data_options(pk, data=False)
     _option(pk, "--out", required=True, help="PNG file")
-    _option(pk, "--device", default="cpu", help="cpu, cuda or cuda:N")
+    _option(pk, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
     pk.set_defaults(fn=cmd_plot)
 
     d = sub.add_parser("demo", help="PSA vs SASRec on the embedded synthetic data")
@@ -336,7 +372,8 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    except (DataError, FileNotFoundError) as e:  # the user's file, named with its line: no traceback
+    # The user's files (named, with the line for data), not our code: a message, no traceback.
+    except (DataError, CheckpointError, OSError) as e:
         raise SystemExit(f"pka-rec {args.command}: {e}") from None
 
 

@@ -9,6 +9,7 @@ import numbers
 from dataclasses import dataclass, field
 
 from pka_ext.modules import BACKENDS
+from pka_ext.rec.data import FORMATS
 
 MODELS = ("psa", "sasrec", "nope", "rope")
 BLOCKS = ("pre_ln", "authors")
@@ -122,6 +123,14 @@ class DataConfig:
     skip_bad: bool = False  # skip malformed data lines with one warning instead of failing
 
     def __post_init__(self):
+        _require(self, "format", (*FORMATS, "synthetic").__contains__,
+                 f"one of {(*FORMATS, 'synthetic')}")
+        _require(self, "protocol", ("loo", "temporal").__contains__, "'loo' or 'temporal'")
+        if self.format == "synthetic" and self.path is not None:
+            # The synthetic data ignores any file: training on it under the file's name would
+            # report numbers for data the run never read.
+            raise ValueError(f"a data file ({self.path}) is given with format 'synthetic', the "
+                             f"built-in data; name the file's format: {', '.join(FORMATS)}")
         if self.format != "csv" and (self.columns is not None or self.sep is not None):
             raise ValueError(f"columns and sep apply to the csv format only, not {self.format!r}")
         if self.columns is not None:

@@ -378,6 +378,8 @@ class _Builder:
 
 def _open(path: str | Path, newline: str | None = None):
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a folder, not a data file", str(path))
     if not path.is_file():
         raise FileNotFoundError(errno.ENOENT, "no such data file", str(path))
     # utf-8-sig drops a byte-order mark that spreadsheet exports put before the header.

@@ -37,12 +37,24 @@ def save_checkpoint(path: str, model, config: RunConfig, id_maps: dict, *, metri
     os.replace(tmp, path)
 
 
+class CheckpointError(ValueError):
+    """A file given as a checkpoint is not one this package wrote."""
+
+
 def load_checkpoint(path: str, device="cpu") -> dict:
-    if not os.path.exists(path):
+    """The payload :func:`save_checkpoint` wrote, tensors on ``device``.
+
+    Raises FileNotFoundError for a missing file and :class:`CheckpointError` for any other file.
+    """
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # torch.load raises anything from pickle, zip and its own checks
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (torch.load: "
+                              f"{type(e).__name__})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ckpt
 
 

@@ -6,6 +6,7 @@ in memory if it likes (``data=``).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -56,6 +57,10 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     Returns the metrics also written to ``metrics.json``.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    # Made now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     name = cfg.data.dataset_name
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
@@ -96,7 +101,6 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
         "train_seconds": state.train_seconds,
         "config": cfg.to_dict(),
     }
-    os.makedirs(out_dir, exist_ok=True)
     save_checkpoint(ckpt_path, model, cfg, data.id_maps(), metrics=metrics, train_state=vars(state))
     with open(os.path.join(out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)

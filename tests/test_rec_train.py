@@ -412,6 +412,22 @@ def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_p
     assert json.loads(capsys.readouterr().out) == evaluated
 
 
+def test_cli_refuses_to_resume_with_other_settings(tmp_path):
+    # Before, another width failed inside load_state_dict with a traceback, and another seed or
+    # learning rate resumed silently into a run that was neither the old one nor a fresh one.
+    ckpt = os.path.join(_train_cli(tmp_path), "checkpoint.pt")
+    resumed = str(tmp_path / "resumed")
+    with pytest.raises(SystemExit, match=r"trained with other settings; .*model.hidden: 32 -> 16; "
+                                         r"train.lr: 0.001 -> 0.01; train.seed: 0 -> 3$"):
+        _train_cli(tmp_path, extra=["--hidden", "16", "--lr", "0.01", "--seed", "3", "--resume",
+                                    ckpt, "--out", resumed])
+    # Where it stops and what it reports may change.
+    _train_cli(tmp_path, extra=["--epochs", "3", "--patience", "9", "--report-k", "10",
+                                "--resume", ckpt, "--out", resumed])
+    with open(os.path.join(resumed, "metrics.json")) as f:
+        assert json.load(f)["epochs_run"] == 3
+
+
 def test_cli_refuses_to_resume_on_other_data(tmp_path):
     ckpt = os.path.join(_train_cli(tmp_path), "checkpoint.pt")
     path = _events_csv(tmp_path, bad_line=False)

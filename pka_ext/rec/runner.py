@@ -19,7 +19,7 @@ from pka_ext.rec.data import DataError, Interactions, load
 from pka_ext.rec.evaluate import evaluate
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import Split, leave_one_out, temporal
-from pka_ext.rec.recommender import load_checkpoint, save_checkpoint
+from pka_ext.rec.recommender import CheckpointError, load_checkpoint, save_checkpoint
 from pka_ext.rec.synthetic import make_synthetic
 from pka_ext.rec.train import TrainState, fit
 
@@ -46,6 +46,19 @@ def evaluate_split(model, split: Split, cfg: TrainConfig, device=None) -> dict:
     return {name: {key: value for key, value in evaluate(model, es, split.num_items, **kw).items()
                    if key != "events"}
             for name, es in (("val", split.val), ("test", split.test))}
+
+
+# What a resumed run may set anew: where it stops, where it runs and what it reports. Any other
+# change would make it something other than the continuation of the checkpoint's run.
+RESUMABLE = ("train.epochs", "train.patience", "train.device", "train.report_ks",
+             "train.eval_batch_size", "model.backend", "data.path", "data.name")
+
+
+def resume_changes(saved: dict, current: dict) -> list[str]:
+    """``"section.field: saved -> current"`` for each setting outside RESUMABLE that differs."""
+    return [f"{section}.{key}: {saved[section][key]!r} -> {value!r}"
+            for section in ("model", "train", "data") for key, value in current[section].items()
+            if f"{section}.{key}" not in RESUMABLE and saved[section][key] != value]
 
 
 def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
@@ -76,6 +89,12 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
         ckpt = load_checkpoint(resume, cfg.train.device)
         if ckpt["id_maps"]["items"] != data.item_ids:
             raise DataError(f"{resume}: its item id map does not match the data")
+        # Through RunConfig, so that fields added since the checkpoint was written get defaults.
+        changed = resume_changes(RunConfig.from_dict(ckpt["config"]).to_dict(), cfg.to_dict())
+        if changed:
+            raise CheckpointError(f"{resume} was trained with other settings; a resumed run "
+                                  f"continues that run, so only {', '.join(RESUMABLE)} may "
+                                  f"change: " + "; ".join(changed))
         state = TrainState(**ckpt["train_state"])
         log(f"resuming from {resume} after epoch {state.epoch}")
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pka_ext.rec.cli import main as cli_main
+from pka_ext.rec.cli import main as cli_main, rank_device
 from pka_ext.rec.config import ModelConfig, RunConfig, TrainConfig
 from pka_ext.rec.data import load
 from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics, score_contexts
@@ -410,6 +410,15 @@ def test_cli_reads_a_csv_with_named_columns_and_skips_bad_lines_on_request(tmp_p
     cli_main(["evaluate", "--checkpoint", ckpt, "--data", str(tsv), "--columns", "user,sku",
               "--sep", "tab"])
     assert json.loads(capsys.readouterr().out) == evaluated
+
+
+def test_ranks_under_torchrun_take_the_gpu_of_their_local_rank():
+    # Every rank on cuda:0 (what --device cuda meant before) makes NCCL fail with duplicate GPUs.
+    torchrun = {"WORLD_SIZE": "4", "LOCAL_RANK": "3", "RANK": "7"}
+    assert rank_device("cuda", torchrun) == "cuda:3"
+    assert rank_device("cuda", {}) == "cuda"  # one process: as given
+    assert rank_device("cuda:1", torchrun) == "cuda:1"
+    assert rank_device("cpu", torchrun) == "cpu"
 
 
 def test_cli_refuses_to_resume_with_other_settings(tmp_path):

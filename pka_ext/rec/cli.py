@@ -1,7 +1,8 @@
 """``pka-rec``: train, evaluate, recommend, plot-kernels, demo.
 
 Multi-process training: ``torchrun --nproc_per_node N -m pka_ext.rec train ...`` (gloo on CPU,
-nccl on CUDA); the global batch is split across ranks and rank 0 evaluates and writes files.
+nccl on CUDA, where ``--device cuda`` gives each rank the GPU of its LOCAL_RANK); the global batch
+is split across ranks and rank 0 evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -23,8 +24,18 @@ from pka_ext.rec.recommender import CheckpointError, Recommender, load_checkpoin
 from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
 
 
+def rank_device(device: str, env=os.environ) -> str:
+    """The device one process trains on: under torchrun, ``cuda`` means the GPU of the process's
+    LOCAL_RANK (every rank on GPU 0 would make NCCL fail); anything else as given."""
+    if device == "cuda" and int(env.get("WORLD_SIZE", "1")) > 1:
+        return f"cuda:{int(env.get('LOCAL_RANK', '0'))}"
+    return device
+
+
 def _init_distributed(device: str) -> None:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if device.startswith("cuda"):
+            torch.cuda.set_device(torch.device(device))
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
@@ -118,6 +129,7 @@ def _separator(sep: str | None) -> str | None:
 
 
 def cmd_train(args) -> None:
+    args.device = rank_device(args.device)
     try:
         cfg = _run_config(args)
     except ValueError as e:  # a bad combination of flags: a message, not a traceback

@@ -367,6 +367,26 @@ def test_ddp_two_gloo_processes_match_single_process(tmp_path, model):
         torch.testing.assert_close(ranks[0][name], ref, atol=1e-5, rtol=1e-4, msg=lambda m: f"{name}: {m}")
 
 
+def test_torchrun_train_end_to_end_matches_one_process(tmp_path):
+    """The README's ``torchrun ... -m pka_ext.rec train``: both ranks train, take the same
+    early-stopping decisions (rank 0's validation metric is broadcast), and rank 0 writes files
+    whose metrics match a one-process run on the same global batches."""
+    flags = ["train", "--format", "synthetic", "--model", "psa", "--epochs", "2", "--max-len", "10",
+             "--hidden", "16", "--dropout", "0", "--no-progress"]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "pka_ext.rec",
+           *flags, "--out", str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    cli_main([*flags, "--out", str(tmp_path / "one")])
+    ddp, one = (json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("ddp", "one"))
+    assert ddp["epochs_run"] == one["epochs_run"] == 2
+    for split in ("val", "test"):
+        for key, value in one[split].items():
+            assert ddp[split][key] == pytest.approx(value, abs=1e-3), (split, key)
+
+
 def _events_csv(tmp_path, name="events.txt", header="uid;item_name", sep=";", bad_line=True):
     """The synthetic data as a CSV with its own column names; optionally one malformed line 7."""
     from pka_ext.rec.synthetic import make_synthetic

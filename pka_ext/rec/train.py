@@ -189,7 +189,8 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
         seconds = time.perf_counter() - t0
         bar.close()
         state.train_seconds += seconds
-        metric = torch.zeros(1, dtype=torch.float64)
+        # On the training device: NCCL broadcasts only CUDA tensors (gloo takes the CPU one).
+        metric = torch.zeros(1, dtype=torch.float64, device=device)
         t_eval = time.perf_counter()
         if rank == 0:
             val = evaluate(model, split.val, split.num_items, k=cfg.eval_k,

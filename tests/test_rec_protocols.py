@@ -129,8 +129,9 @@ def test_temporal_rejects_bad_input():
     for val_start, test_start in [(0, 0.5), (0.6, 0.5), (0.5, 1.0), (-0.1, 0.5)]:
         with pytest.raises(ValueError, match="val_start"):
             temporal(data, val_start, test_start)
-    with pytest.raises(ValueError, match="max_eval_events"):
-        temporal(data, max_eval_events=-1)
+    for bad in (-1, 0):
+        with pytest.raises(ValueError, match=rf"max_eval_events must be >= 1 or None, got {bad}"):
+            temporal(data, max_eval_events=bad)
     with pytest.raises(DataError, match=r"user 0 \('u0'\).*chronological"):
         temporal(make_data([[1, 2, 3]], [[0, 2, 1]]))
 

@@ -539,6 +539,7 @@ def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     ("--max-len", "x", "a positive integer"),
     ("--patience", "0", "a positive integer"),
     ("--negatives", "0", "a positive integer"),
+    ("--max-eval-events", "0", "a positive integer"),
     ("--lr", "-1e-3", "a positive number"),
     ("--lr", "nan", "a positive number"),
     ("--dropout", "1", r"a number in \[0, 1\)"),

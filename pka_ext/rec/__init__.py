@@ -7,11 +7,12 @@ readers, ``.protocols``, ``.evaluate``, ``.train``, ``.runner``, ``.cli``).
 from pka_ext.rec.config import DataConfig, ModelConfig, RunConfig, TrainConfig
 from pka_ext.rec.data import DataError, Interactions, load
 from pka_ext.rec.models import SeqRecModel
-from pka_ext.rec.recommender import Recommender
+from pka_ext.rec.recommender import CheckpointError, Recommender
 from pka_ext.rec.runner import train_run
 from pka_ext.rec.synthetic import make_synthetic
 
 __all__ = [
+    "CheckpointError",
     "DataConfig",
     "DataError",
     "Interactions",

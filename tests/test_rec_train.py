@@ -184,7 +184,13 @@ def test_cli_train_evaluate_recommend_plot(tmp_path, capsys):
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     assert set(metrics) == {"model", "dataset", "protocol", "val", "test", "best_epoch",
-                            "epochs_run", "train_seconds", "config"}
+                            "epochs_run", "train_seconds", "history", "config"}
+    # The learning curve: one row per epoch, whose best validation NDCG@10 is the best epoch's.
+    history = metrics["history"]
+    assert [row["epoch"] for row in history] == list(range(1, metrics["epochs_run"] + 1))
+    best = max(history, key=lambda row: row["val_ndcg@10"])
+    assert best["epoch"] == metrics["best_epoch"] and all(row["loss"] > 0 for row in history)
+    assert sum(row["seconds"] for row in history) == pytest.approx(metrics["train_seconds"])
     assert set(metrics["test"]) == {f"{m}@{k}" for m in ("ndcg", "hr", "cov") for k in (5, 10, 20)}
     assert metrics["model"] == "psa" and metrics["protocol"] == "loo"
     assert RunConfig.from_dict(metrics["config"]).to_dict() == metrics["config"]

@@ -118,6 +118,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
         "best_epoch": state.best_epoch,
         "epochs_run": state.epoch,
         "train_seconds": state.train_seconds,
+        "history": state.history,  # one row per epoch: loss, validation metrics, seconds
         "config": cfg.to_dict(),
     }
     save_checkpoint(ckpt_path, model, cfg, data.id_maps(), metrics=metrics, train_state=vars(state))

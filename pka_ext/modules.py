@@ -28,6 +28,8 @@ def _check_backend(backend: str) -> None:
 def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
     """Dispatches the op to a backend; ``auto`` runs the compiled op on the inputs' device."""
     _check_backend(backend)
+    if lengths is not None and lengths.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
+        lengths = lengths.long()  # the op takes int64 lengths; widening them is exact
     if backend == "reference":
         # python_ref wants an explicit seed; drawing it here keeps torch.manual_seed reproducibility.
         seed = int(seed_tensor(dropout_p, None)) if dropout_p > 0 else None

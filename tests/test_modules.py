@@ -221,6 +221,18 @@ def test_bad_sizes_are_named_at_construction(make, match):
         make()
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_modules_take_lengths_of_any_integer_dtype(backend):
+    # The op itself takes int64 only; the modules widen narrower integers (exact) for the caller.
+    m = PKATransformer(1, 8, 2, max_len=5, backend=backend).double()
+    x = torch.randn(3, 5, 8, dtype=torch.float64)
+    ref = m(x, torch.tensor([5, 2, 0]))
+    for dtype in (torch.int32, torch.int16, torch.uint8):
+        assert torch.equal(m(x, torch.tensor([5, 2, 0], dtype=dtype)), ref), dtype
+    with pytest.raises(TypeError, match="lengths must be int64, got torch.float32"):
+        m(x, torch.tensor([5.0, 2.0, 0.0]))
+
+
 def test_transformer_names_wrong_width_and_lengths_shape():
     m = PKATransformer(1, 8, 2, max_len=5)
     with pytest.raises(ValueError, match=r"x must be \[B, T, embed_dim=8\], got shape \(2, 5, 7\)"):

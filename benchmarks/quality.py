@@ -228,19 +228,20 @@ def _collect(root: str) -> list[dict]:
                 cell = json.load(f)
             with open(os.path.join(dirpath, "metrics.json")) as f:
                 m = json.load(f)
+            history = m.get("history")
             ckpt = os.path.join(dirpath, "checkpoint.pt")
-            history = []
-            if os.path.exists(ckpt):
+            if history is None and os.path.exists(ckpt):
+                # Cells finished before metrics.json carried the learning curve keep it here.
                 import torch
 
-                history = torch.load(ckpt, map_location="cpu", weights_only=False)["train_state"]["history"]
+                history = torch.load(ckpt, map_location="cpu", weights_only=True)["train_state"]["history"]
             rows.append(cell | {"test": m["test"], "val": m["val"], "best_epoch": m["best_epoch"],
                                 "epochs_run": m["epochs_run"], "train_seconds": m["train_seconds"],
                                 "max_epochs": m["config"]["train"]["epochs"],
                                 "lr": m["config"]["train"]["lr"],
                                 "max_len": m["config"]["model"]["max_len"],
                                 "loss": m["config"]["train"]["loss"],
-                                "val_curve": [h["val_ndcg@10"] for h in history]})
+                                "val_curve": [h["val_ndcg@10"] for h in history or []]})
     return rows
 
 

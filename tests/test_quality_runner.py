@@ -114,3 +114,16 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     assert f"| psa | 3 | {mean:.4f} ± " in md
     assert ("cells from earlier reports ran on: Older CPU (2 cores), torch 2.11.0, report of "
             "2026-02-02; Oldest CPU (16 cores), torch 2.11.0, report of 2026-01-01.") in md
+
+
+def test_report_reads_the_learning_curve_from_metrics_json(tmp_path):
+    cell = {"table": "main", "dataset": "Beauty", "model": "psa", "variant": None, "seed": 0,
+            "command": "pka-rec train ...", "wall_seconds": 1.0, "rc": 0}
+    (tmp_path / "cell.json").write_text(json.dumps(cell))
+    test = {"ndcg@10": 0.5}
+    (tmp_path / "metrics.json").write_text(json.dumps({
+        "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
+        "history": [{"epoch": e, "val_ndcg@10": v} for e, v in ((1, 0.2), (2, 0.5), (3, 0.3))],
+        "config": {"train": {"epochs": 60, "lr": 1e-3, "loss": "ce"}, "model": {"max_len": 50}}}))
+    (row,) = quality._collect(str(tmp_path))  # no checkpoint.pt: the curve comes from metrics.json
+    assert row["val_curve"] == [0.2, 0.5, 0.3] and row["best_epoch"] == 2

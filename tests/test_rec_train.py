@@ -607,8 +607,9 @@ def test_cli_names_bad_paths_checkpoints_and_devices_in_one_line(tmp_path, capsy
     with pytest.raises(SystemExit, match=r"\[Errno 20\] the output folder is a file: .*file"):
         cli_main(["train", "--epochs", "1", "--out", str(not_a_folder)])
     metrics = os.path.join(os.path.dirname(ckpt), "metrics.json")
-    with pytest.raises(SystemExit, match=rf"pka-rec evaluate: {metrics} is not a pka-rec-checkpoint"
-                                         r"/1 checkpoint \(torch.load: UnpicklingError\)"):
+    with pytest.raises(SystemExit, match=rf"pka-rec evaluate: {metrics} could not be read as a "
+                                         r"pka-rec-checkpoint/1 checkpoint \(torch.load: "
+                                         r"UnpicklingError: "):
         cli_main(["evaluate", "--checkpoint", metrics])
     with pytest.raises(SystemExit):
         cli_main(["recommend", "--checkpoint", ckpt, "--history", "1", "--device", "tpu"])

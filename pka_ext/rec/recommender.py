@@ -51,8 +51,10 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch.load raises anything from pickle, zip and its own checks
-        raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint (torch.load: "
-                              f"{type(e).__name__})") from e
+        # Its first line kept: the file may be a checkpoint that cannot be loaded here.
+        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        raise CheckpointError(f"{path} could not be read as a {CHECKPOINT_FORMAT} checkpoint "
+                              f"(torch.load: {type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ckpt

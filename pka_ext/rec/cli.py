@@ -174,7 +174,7 @@ def cmd_evaluate(args) -> None:
     data = load_interactions(dc, cfg.train.seed)
     if data.item_ids != ckpt["id_maps"]["items"]:
         raise SystemExit(f"{args.checkpoint}: its item id map does not match the data")
-    rec = Recommender.load(args.checkpoint, args.device)
+    rec = Recommender.from_checkpoint(ckpt, args.device)  # the file is read once
     split = make_split(data, dc)
     if args.report_k is not None:
         cfg.train = dataclasses.replace(cfg.train, report_ks=args.report_k)

@@ -69,7 +69,11 @@ class Recommender:
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "Recommender":
-        ckpt = load_checkpoint(path, device)
+        return cls.from_checkpoint(load_checkpoint(path, device), device)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict, device="cpu") -> "Recommender":
+        """From a payload :func:`load_checkpoint` already read."""
         config = RunConfig.from_dict(ckpt["config"])
         model = SeqRecModel(config.model)
         model.load_state_dict(ckpt["model_state"])

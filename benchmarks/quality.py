@@ -82,6 +82,7 @@ ABLATIONS = [
     ("A_v per layer", ["--per-layer-value-kernel"]),
     ("no normalisation", ["--no-normalize-kernels"]),
     ("+ absolute positional embeddings", ["--add-positional-embedding"]),
+    ("authors' block (attention residual from LayerNorm(X))", ["--block", "authors"]),
 ]
 ABLATION_DATASET = "ml-100k"
 # Learning-rate grid of the "tune" table (the main table's runs supply the rate they used).
@@ -118,9 +119,13 @@ def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), 
 def cells(args) -> list[dict]:
     if (args.max_len is not None or args.loss != "ce") and args.table == "ablation":
         raise SystemExit("--max-len and --loss apply to the main and tune tables, not to --table ablation")
+    if args.variants is not None and args.table != "ablation":
+        raise SystemExit("--variants applies to --table ablation only")
     out = []
     if args.table == "ablation":
         for i, (name, extra) in enumerate(ABLATIONS):
+            if args.variants is not None and i not in args.variants:
+                continue
             for seed in args.seeds:
                 d = os.path.join(args.out, "ablation", f"v{i}", f"seed{seed}")
                 out.append(dict(table="ablation", dataset=ABLATION_DATASET, model="psa", variant=name,
@@ -435,6 +440,10 @@ def main() -> None:
         q.add_argument("--loss", default="ce", choices=["ce", "sampled"],
                        help=f"main and tune tables: full cross-entropy, or sampled softmax with {NEGATIVES} "
                             "negatives (for data sets too large for the CPU budget; stated in the report)")
+        q.add_argument("--variants", type=int, nargs="+", default=None,
+                       choices=range(len(ABLATIONS)), metavar="I",
+                       help="ablation: only these variants, by index (0 = the paper setting, "
+                            f"{len(ABLATIONS) - 1} = {ABLATIONS[-1][0]})")
         q.add_argument("--grid-lr", type=float, nargs="+", default=None,
                        help="tune: only these learning rates of the grid (e.g. the selected ones, for more seeds)")
     a.set_defaults(fn=cmd_adopt)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import os
@@ -127,3 +128,18 @@ def test_report_reads_the_learning_curve_from_metrics_json(tmp_path):
         "config": {"train": {"epochs": 60, "lr": 1e-3, "loss": "ce"}, "model": {"max_len": 50}}}))
     (row,) = quality._collect(str(tmp_path))  # no checkpoint.pt: the curve comes from metrics.json
     assert row["val_curve"] == [0.2, 0.5, 0.3] and row["best_epoch"] == 2
+
+
+def test_ablation_variants_select_cells_by_index(tmp_path):
+    args = argparse.Namespace(table="ablation", seeds=[0, 2], variants=[0, len(quality.ABLATIONS) - 1],
+                              max_len=None, loss="ce", lr=1e-3, epochs=100, patience=10,
+                              out=str(tmp_path))
+    chosen = quality.cells(args)
+    assert [(c["variant"], c["seed"]) for c in chosen] == [
+        (quality.ABLATIONS[0][0], 0), (quality.ABLATIONS[0][0], 2),
+        (quality.ABLATIONS[-1][0], 0), (quality.ABLATIONS[-1][0], 2)]
+    assert chosen[-1]["cmd"][-2:] == ["--block", "authors"]
+    assert chosen[-1]["dir"] == os.path.join(str(tmp_path), "ablation", f"v{len(quality.ABLATIONS) - 1}",
+                                             "seed2")
+    args.variants = None
+    assert len(quality.cells(args)) == 2 * len(quality.ABLATIONS)

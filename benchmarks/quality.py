@@ -22,9 +22,11 @@ delete the folder of a failed cell to run it from scratch.
 Hyperparameters are the paper's published best configurations for Beauty (blocks, hidden size, batch
 size, learning rate per model; one head, dropout 0.3, full cross-entropy), used unchanged on every
 data set. ``--lr`` overrides the learning rate of every model (stated in the report when used);
-``--max-len`` overrides the data sets' context length (50 by default) and ``--loss sampled`` trains
-with sampled softmax instead of full cross-entropy; such cells form their own tables (folders
-``main/<data set>-len<N>``, ``main/<data set>-sampled``; the same suffixes under ``tune/``). The
+``--max-len`` overrides the data sets' context length (50 by default), ``--loss sampled`` trains
+with sampled softmax instead of full cross-entropy and ``--block authors`` gives every model the
+authors' blocks (attention residual from LayerNorm(X)) instead of pre-LN ones; such cells form their
+own tables (folders ``main/<data set>-len<N>``, ``main/<data set>-sampled``,
+``main/<data set>-authors``; the same suffixes under ``tune/``). The
 ``tune`` table is the learning-rate grid (``TUNE_LRS``) for data sets without published
 configurations: its cells hold the learning rates the main table did not run, and the report picks
 each model's learning rate by seed-0 validation NDCG@10 only (same grid for every model; never test).
@@ -94,10 +96,18 @@ def cell_max_len(dataset: str, args) -> int:
     return args.max_len or DATASETS[dataset][3]
 
 
-def setting_suffix(dataset: str, max_len: int, loss: str) -> str:
-    """How a main-table cell departs from the data set's default setting (max-len, full CE)."""
+def setting_suffix(dataset: str, max_len: int, loss: str, block: str) -> str:
+    """How a main-table cell departs from the data set's default setting (max-len, full CE,
+    pre-LN blocks)."""
     return (f"-len{max_len}" if max_len != DATASETS[dataset][3] else "") + \
-        ("-sampled" if loss == "sampled" else "")
+        ("-sampled" if loss == "sampled" else "") + ("-authors" if block == "authors" else "")
+
+
+def setting_text(max_len: int, loss: str, block: str, negatives: bool = True) -> str:
+    """The setting as a report heading (or, without the negatives, a chart title) says it."""
+    sampled = f"sampled softmax ({NEGATIVES} uniform negatives)" if negatives else "sampled softmax"
+    return (f"max-len {max_len}" + (f", {sampled}" if loss == "sampled" else "")
+            + (", authors' blocks" if block == "authors" else ""))
 
 
 def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), lr=None) -> list[str]:
@@ -113,12 +123,14 @@ def cell_command(dataset: str, model: str, seed: int, out: str, args, extra=(), 
             "--batch-size", str(hp["batch_size"]), "--lr", str(hp["lr"]),
             "--epochs", str(args.epochs), "--patience", str(args.patience), "--no-progress",
             *(["--loss", "sampled", "--negatives", str(NEGATIVES)] if args.loss == "sampled" else []),
+            *(["--block", args.block] if args.block != "pre_ln" else []),
             "--out", out, *extra]
 
 
 def cells(args) -> list[dict]:
-    if (args.max_len is not None or args.loss != "ce") and args.table == "ablation":
-        raise SystemExit("--max-len and --loss apply to the main and tune tables, not to --table ablation")
+    if (args.max_len is not None or args.loss != "ce" or args.block != "pre_ln") and args.table == "ablation":
+        raise SystemExit("--max-len, --loss and --block apply to the main and tune tables, not to "
+                         "--table ablation")
     if args.variants is not None and args.table != "ablation":
         raise SystemExit("--variants applies to --table ablation only")
     out = []
@@ -139,7 +151,7 @@ def cells(args) -> list[dict]:
                and (not args.grid_lr or any(math.isclose(lr, g) for g in args.grid_lr))]
         for dataset, model, lr, seed in itertools.product(args.datasets or [ABLATION_DATASET], models,
                                                           lrs, args.seeds):
-            folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss)
+            folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss, args.block)
             d = os.path.join(args.out, "tune", folder, model, f"lr{lr:g}", f"seed{seed}")
             out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}", seed=seed,
                             dir=d, cmd=cell_command(dataset, model, seed, d, args, lr=lr)))
@@ -148,7 +160,7 @@ def cells(args) -> list[dict]:
     models = [m for m in models if m in (args.models or models)]
     datasets = [d for d in datasets if d in (args.datasets or datasets)]
     for dataset in datasets:
-        folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss)
+        folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss, args.block)
         for model in models:
             for seed in args.seeds:
                 d = os.path.join(args.out, "main", folder, model, f"seed{seed}")
@@ -246,12 +258,13 @@ def _collect(root: str) -> list[dict]:
                                 "lr": m["config"]["train"]["lr"],
                                 "max_len": m["config"]["model"]["max_len"],
                                 "loss": m["config"]["train"]["loss"],
+                                "block": m["config"]["model"]["block"],
                                 "val_curve": [h["val_ndcg@10"] for h in history or []]})
     return rows
 
 
-def _setting(r: dict) -> tuple[str, int, str]:
-    return r["dataset"], r["max_len"], r["loss"]
+def _setting(r: dict) -> tuple[str, int, str, str]:
+    return r["dataset"], r["max_len"], r["loss"], r["block"]
 
 
 def _mean_std(xs) -> str:
@@ -291,8 +304,8 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
           "validation NDCG@10 of its seed-0 run (the epoch early stopping chose); test numbers are "
           "shown for every rate but never used to choose.", ""]
     for setting in dict.fromkeys(_setting(r) for r in tune):
-        dataset, max_len, loss = setting
-        md += [f"### {dataset} (max-len {max_len}{', sampled softmax' if loss == 'sampled' else ''})", "",
+        dataset, max_len, loss, block = setting
+        md += [f"### {dataset} ({setting_text(max_len, loss, block, negatives=False)})", "",
                "| model | lr | seeds | val NDCG@10 (seed 0) | test NDCG@10 | test HR@10 | selected |",
                "|---|---|---|---|---|---|---|"]
         chosen = {}
@@ -318,7 +331,7 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
     return md
 
 
-def _plot_curves(dataset: str, max_len: int, loss: str, rows: list[dict], results: str) -> str:
+def _plot_curves(dataset: str, max_len: int, loss: str, block: str, rows: list[dict], results: str) -> str:
     """Validation NDCG@10 per epoch, one line per (model, seed): the paper's Figure 3."""
     import matplotlib
 
@@ -332,11 +345,11 @@ def _plot_curves(dataset: str, max_len: int, loss: str, rows: list[dict], result
                 alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
-    ax.set_title(f"{dataset} (max-len {max_len}{', sampled softmax' if loss == 'sampled' else ''}): "
+    ax.set_title(f"{dataset} ({setting_text(max_len, loss, block, negatives=False)}): "
                  "validation NDCG@10 per epoch")
     ax.legend()
     fig.tight_layout()
-    suffix = setting_suffix(dataset, max_len, loss).replace("-", "_")
+    suffix = setting_suffix(dataset, max_len, loss, block).replace("-", "_")
     path = os.path.join(results, f"quality_val_curves_{dataset}{suffix}.png")
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -363,7 +376,8 @@ def cmd_report(args) -> None:
         with open(args.merge) as f:
             earlier = json.load(f)
         fresh = {_cell_dir(r) for r in rows}
-        rows = [r for r in earlier["cells"] if _cell_dir(r) not in fresh] + rows
+        # Reports written before the block setting existed hold only pre-LN cells.
+        rows = [{"block": "pre_ln"} | r for r in earlier["cells"] if _cell_dir(r) not in fresh] + rows
     if not rows:
         raise SystemExit(f"no finished cells under {args.out}")
     os.makedirs(args.results, exist_ok=True)
@@ -375,7 +389,7 @@ def cmd_report(args) -> None:
         for e in env["earlier_environments"]:
             e.pop("earlier_environments", None)
     main = sorted((r for r in rows if r["table"] == "main"),
-                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"],
+                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"], r["block"],
                                  MODELS.index(r["model"]), r["seed"]))
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
@@ -391,18 +405,17 @@ def cmd_report(args) -> None:
     if args.summary:
         with open(args.summary) as f:
             md += ["## Summary", "", f.read().strip(), ""]
-    for (dataset, max_len, loss), rs in _group(main, _setting).items():
-        loss_text = f", sampled softmax ({NEGATIVES} uniform negatives)" if loss == "sampled" else ""
-        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, max-len {max_len}"
-               f"{loss_text})", ""]
+    for (dataset, max_len, loss, block), rs in _group(main, _setting).items():
+        md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, "
+               f"{setting_text(max_len, loss, block)})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     if tune:
         md += _tune_section(main, tune)
-    for (dataset, max_len, loss), rs in _group(main, _setting).items():
-        png = _plot_curves(dataset, max_len, loss, rs, args.results)
+    for (dataset, max_len, loss, block), rs in _group(main, _setting).items():
+        png = _plot_curves(dataset, max_len, loss, block, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]
     md += [f"- `{r['command']}`" for r in main + abl + tune]
@@ -440,6 +453,8 @@ def main() -> None:
         q.add_argument("--loss", default="ce", choices=["ce", "sampled"],
                        help=f"main and tune tables: full cross-entropy, or sampled softmax with {NEGATIVES} "
                             "negatives (for data sets too large for the CPU budget; stated in the report)")
+        q.add_argument("--block", default="pre_ln", choices=["pre_ln", "authors"],
+                       help="main and tune tables: every model's transformer blocks (pka-rec --block)")
         q.add_argument("--variants", type=int, nargs="+", default=None,
                        choices=range(len(ABLATIONS)), metavar="I",
                        help="ablation: only these variants, by index (0 = the paper setting, "

@@ -97,7 +97,8 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     test = {"ndcg@10": 0.5, "hr@10": 0.6, "cov@10": 0.7}
     (cell_dir / "metrics.json").write_text(json.dumps({
         "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
-        "config": {"train": {"epochs": 60, "lr": again["lr"], "loss": "ce"}, "model": {"max_len": 50}}}))
+        "config": {"train": {"epochs": 60, "lr": again["lr"], "loss": "ce"},
+                   "model": {"max_len": 50, "block": "pre_ln"}}}))
     torch.save({"train_state": {"history": [{"val_ndcg@10": v} for v in (0.1, 0.5, 0.4)]}},
                cell_dir / "checkpoint.pt")
     results = tmp_path / "results"
@@ -108,7 +109,8 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     cells = merged["cells"]
     assert merged["environment"]["earlier_environments"] == [older, oldest]  # one flat list
     assert [c["seed"] for c in cells] == [0, 1, 2]  # the study's order, not the merge's
-    assert cells[0] == earlier[0] and cells[2] == earlier[2]
+    # Rows of reports older than the block setting were all pre-LN, and say so once merged.
+    assert cells[0] == {"block": "pre_ln"} | earlier[0] and cells[2] == {"block": "pre_ln"} | earlier[2]
     assert cells[1]["test"] == test and cells[1]["val_curve"] == [0.1, 0.5, 0.4]
     md = (results / "quality.md").read_text()
     mean = (earlier[0]["test"]["ndcg@10"] + 0.5 + earlier[2]["test"]["ndcg@10"]) / 3
@@ -125,14 +127,16 @@ def test_report_reads_the_learning_curve_from_metrics_json(tmp_path):
     (tmp_path / "metrics.json").write_text(json.dumps({
         "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
         "history": [{"epoch": e, "val_ndcg@10": v} for e, v in ((1, 0.2), (2, 0.5), (3, 0.3))],
-        "config": {"train": {"epochs": 60, "lr": 1e-3, "loss": "ce"}, "model": {"max_len": 50}}}))
+        "config": {"train": {"epochs": 60, "lr": 1e-3, "loss": "ce"},
+                   "model": {"max_len": 50, "block": "pre_ln"}}}))
     (row,) = quality._collect(str(tmp_path))  # no checkpoint.pt: the curve comes from metrics.json
     assert row["val_curve"] == [0.2, 0.5, 0.3] and row["best_epoch"] == 2
 
 
 def test_ablation_variants_select_cells_by_index(tmp_path):
     args = argparse.Namespace(table="ablation", seeds=[0, 2], variants=[0, len(quality.ABLATIONS) - 1],
-                              max_len=None, loss="ce", lr=1e-3, epochs=100, patience=10,
+                              max_len=None, loss="ce", block="pre_ln", lr=1e-3, epochs=100,
+                              patience=10,
                               out=str(tmp_path))
     chosen = quality.cells(args)
     assert [(c["variant"], c["seed"]) for c in chosen] == [
@@ -143,3 +147,21 @@ def test_ablation_variants_select_cells_by_index(tmp_path):
                                              "seed2")
     args.variants = None
     assert len(quality.cells(args)) == 2 * len(quality.ABLATIONS)
+
+
+def test_authors_block_cells_form_their_own_table(tmp_path):
+    args = argparse.Namespace(table="small", seeds=[0], models=["psa", "nope"], datasets=["ml-100k"],
+                              max_len=None, loss="ce", block="authors", lr=None, epochs=100,
+                              patience=10, out=str(tmp_path), variants=None)
+    chosen = quality.cells(args)
+    assert [c["dir"] for c in chosen] == [os.path.join(str(tmp_path), "main", "ml-100k-authors", m, "seed0")
+                                          for m in ("psa", "nope")]
+    assert all(c["cmd"][c["cmd"].index("--block") + 1] == "authors" for c in chosen)
+    args.block = "pre_ln"
+    assert all("--block" not in c["cmd"] for c in quality.cells(args))
+    assert quality.setting_text(50, "sampled", "authors", negatives=False) == \
+        "max-len 50, sampled softmax, authors' blocks"
+    args.table, args.variants = "ablation", None
+    args.block = "authors"
+    with pytest.raises(SystemExit, match="--block"):
+        quality.cells(args)

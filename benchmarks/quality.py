@@ -389,8 +389,8 @@ def cmd_report(args) -> None:
         for e in env["earlier_environments"]:
             e.pop("earlier_environments", None)
     main = sorted((r for r in rows if r["table"] == "main"),
-                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"], r["block"],
-                                 MODELS.index(r["model"]), r["seed"]))
+                  key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"],
+                                 r["block"] != "pre_ln", MODELS.index(r["model"]), r["seed"]))
     abl = sorted((r for r in rows if r["table"] == "ablation"),
                  key=lambda r: ([a[0] for a in ABLATIONS].index(r["variant"]), r["seed"]))
     tune = sorted((r for r in rows if r["table"] == "tune"),

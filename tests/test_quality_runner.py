@@ -165,3 +165,29 @@ def test_authors_block_cells_form_their_own_table(tmp_path):
     args.block = "authors"
     with pytest.raises(SystemExit, match="--block"):
         quality.cells(args)
+
+
+def test_report_puts_each_block_in_its_own_table_pre_ln_first(tmp_path):
+    for block, ndcg in (("authors", 0.25), ("pre_ln", 0.5)):
+        folder = "ml-100k" + ("-authors" if block == "authors" else "")
+        d = tmp_path / "runs" / "main" / folder / "psa" / "seed0"
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({
+            "table": "main", "dataset": "ml-100k", "model": "psa", "variant": None, "seed": 0,
+            "command": f"pka-rec train --protocol temporal --out runs/quality/main/{folder}/psa/seed0",
+            "wall_seconds": 1.0, "rc": 0}))
+        metrics = {"ndcg@10": ndcg, "hr@10": ndcg, "cov@10": ndcg}
+        (d / "metrics.json").write_text(json.dumps({
+            "test": metrics, "val": metrics, "best_epoch": 1, "epochs_run": 1, "train_seconds": 1.0,
+            "history": [{"epoch": 1, "val_ndcg@10": ndcg}],
+            "config": {"train": {"epochs": 100, "lr": 1e-3, "loss": "ce"},
+                       "model": {"max_len": 50, "block": block}}}))
+    results = tmp_path / "results"
+    quality.cmd_report(argparse.Namespace(out=str(tmp_path / "runs"), results=str(results),
+                                          summary=None, merge=None))
+    md = (results / "quality.md").read_text()
+    tables = [line for line in md.splitlines() if line.startswith(("## ml-100k", "| psa"))]
+    assert tables == ["## ml-100k (temporal, max-len 50)", "| psa | 1 | 0.5000 | 0.5000 | 0.5000 | 1 | 1 |",
+                      "## ml-100k (temporal, max-len 50, authors' blocks)",
+                      "| psa | 1 | 0.2500 | 0.2500 | 0.2500 | 1 | 1 |"]
+    assert (results / "quality_val_curves_ml-100k_authors.png").exists()

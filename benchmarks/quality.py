@@ -345,8 +345,8 @@ def _plot_curves(dataset: str, max_len: int, loss: str, block: str, rows: list[d
                 alpha=0.85, label=r["model"] if r["seed"] == min(x["seed"] for x in rows) else None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("validation NDCG@10")
-    ax.set_title(f"{dataset} ({setting_text(max_len, loss, block, negatives=False)}): "
-                 "validation NDCG@10 per epoch")
+    # The axis labels already say what is plotted; a longer title ran past the figure's edge.
+    ax.set_title(f"{dataset} ({setting_text(max_len, loss, block, negatives=False)})")
     ax.legend()
     fig.tight_layout()
     suffix = setting_suffix(dataset, max_len, loss, block).replace("-", "_")

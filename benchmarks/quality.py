@@ -405,7 +405,8 @@ def cmd_report(args) -> None:
     if args.summary:
         with open(args.summary) as f:
             md += ["## Summary", "", f.read().strip(), ""]
-    for (dataset, max_len, loss, block), rs in _group(main, _setting).items():
+    settings = _group(main, _setting)  # one table and one chart each
+    for (dataset, max_len, loss, block), rs in settings.items():
         md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, "
                f"{setting_text(max_len, loss, block)})", ""]
         md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
@@ -414,7 +415,7 @@ def cmd_report(args) -> None:
         md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
     if tune:
         md += _tune_section(main, tune)
-    for (dataset, max_len, loss, block), rs in _group(main, _setting).items():
+    for (dataset, max_len, loss, block), rs in settings.items():
         png = _plot_curves(dataset, max_len, loss, block, rs, args.results)
         md += [f"![validation NDCG@10 per epoch on {dataset}]({os.path.basename(png)})", ""]
     md += ["## Commands", "", "One line per cell, run from the repository root:", ""]

@@ -78,8 +78,6 @@ def test_finished_cell_without_record_is_adopted(tmp_path):
 
 
 def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
-    import argparse
-
     import torch
 
     with open(os.path.join(os.path.dirname(quality.__file__), "results", "quality.json")) as f:

@@ -23,6 +23,18 @@ def make_cell(tmp_path, name="c"):
                 cmd=[sys.executable, "-c", RECORDER, os.path.join(d, "calls.txt"), "--seed", "0"])
 
 
+def write_finished_cell(d, cell, test, *, block="pre_ln", lr=1e-3, epochs=60, history=None):
+    """cell.json and metrics.json of a finished cell in folder d, as the runner and pka-rec write
+    them (test metrics doubling as validation ones)."""
+    (d / "cell.json").write_text(json.dumps(cell))
+    metrics = {"test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
+               "config": {"train": {"epochs": epochs, "lr": lr, "loss": "ce"},
+                          "model": {"max_len": 50, "block": block}}}
+    if history is not None:
+        metrics["history"] = history
+    (d / "metrics.json").write_text(json.dumps(metrics))
+
+
 def calls(cell):
     path = os.path.join(cell["dir"], "calls.txt")
     return open(path).read().splitlines() if os.path.exists(path) else []
@@ -91,12 +103,8 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     cell_dir = tmp_path / quality._cell_dir(again).replace("runs/quality", "runs")
     cell_dir.mkdir(parents=True)
     keys = ("table", "dataset", "model", "variant", "seed", "command", "wall_seconds", "rc")
-    (cell_dir / "cell.json").write_text(json.dumps({k: again[k] for k in keys}))
     test = {"ndcg@10": 0.5, "hr@10": 0.6, "cov@10": 0.7}
-    (cell_dir / "metrics.json").write_text(json.dumps({
-        "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
-        "config": {"train": {"epochs": 60, "lr": again["lr"], "loss": "ce"},
-                   "model": {"max_len": 50, "block": "pre_ln"}}}))
+    write_finished_cell(cell_dir, {k: again[k] for k in keys}, test, lr=again["lr"])
     torch.save({"train_state": {"history": [{"val_ndcg@10": v} for v in (0.1, 0.5, 0.4)]}},
                cell_dir / "checkpoint.pt")
     results = tmp_path / "results"
@@ -120,13 +128,8 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
 def test_report_reads_the_learning_curve_from_metrics_json(tmp_path):
     cell = {"table": "main", "dataset": "Beauty", "model": "psa", "variant": None, "seed": 0,
             "command": "pka-rec train ...", "wall_seconds": 1.0, "rc": 0}
-    (tmp_path / "cell.json").write_text(json.dumps(cell))
-    test = {"ndcg@10": 0.5}
-    (tmp_path / "metrics.json").write_text(json.dumps({
-        "test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
-        "history": [{"epoch": e, "val_ndcg@10": v} for e, v in ((1, 0.2), (2, 0.5), (3, 0.3))],
-        "config": {"train": {"epochs": 60, "lr": 1e-3, "loss": "ce"},
-                   "model": {"max_len": 50, "block": "pre_ln"}}}))
+    write_finished_cell(tmp_path, cell, {"ndcg@10": 0.5}, history=[
+        {"epoch": e, "val_ndcg@10": v} for e, v in ((1, 0.2), (2, 0.5), (3, 0.3))])
     (row,) = quality._collect(str(tmp_path))  # no checkpoint.pt: the curve comes from metrics.json
     assert row["val_curve"] == [0.2, 0.5, 0.3] and row["best_epoch"] == 2
 
@@ -170,22 +173,17 @@ def test_report_puts_each_block_in_its_own_table_pre_ln_first(tmp_path):
         folder = "ml-100k" + ("-authors" if block == "authors" else "")
         d = tmp_path / "runs" / "main" / folder / "psa" / "seed0"
         d.mkdir(parents=True)
-        (d / "cell.json").write_text(json.dumps({
-            "table": "main", "dataset": "ml-100k", "model": "psa", "variant": None, "seed": 0,
-            "command": f"pka-rec train --protocol temporal --out runs/quality/main/{folder}/psa/seed0",
-            "wall_seconds": 1.0, "rc": 0}))
-        metrics = {"ndcg@10": ndcg, "hr@10": ndcg, "cov@10": ndcg}
-        (d / "metrics.json").write_text(json.dumps({
-            "test": metrics, "val": metrics, "best_epoch": 1, "epochs_run": 1, "train_seconds": 1.0,
-            "history": [{"epoch": 1, "val_ndcg@10": ndcg}],
-            "config": {"train": {"epochs": 100, "lr": 1e-3, "loss": "ce"},
-                       "model": {"max_len": 50, "block": block}}}))
+        cell = {"table": "main", "dataset": "ml-100k", "model": "psa", "variant": None, "seed": 0,
+                "command": f"pka-rec train --protocol temporal --out runs/quality/main/{folder}/psa/seed0",
+                "wall_seconds": 1.0, "rc": 0}
+        write_finished_cell(d, cell, {"ndcg@10": ndcg, "hr@10": ndcg, "cov@10": ndcg}, block=block,
+                            epochs=100, history=[{"epoch": 1, "val_ndcg@10": ndcg}])
     results = tmp_path / "results"
     quality.cmd_report(argparse.Namespace(out=str(tmp_path / "runs"), results=str(results),
                                           summary=None, merge=None))
     md = (results / "quality.md").read_text()
     tables = [line for line in md.splitlines() if line.startswith(("## ml-100k", "| psa"))]
-    assert tables == ["## ml-100k (temporal, max-len 50)", "| psa | 1 | 0.5000 | 0.5000 | 0.5000 | 1 | 1 |",
+    assert tables == ["## ml-100k (temporal, max-len 50)", "| psa | 1 | 0.5000 | 0.5000 | 0.5000 | 2 | 3 |",
                       "## ml-100k (temporal, max-len 50, authors' blocks)",
-                      "| psa | 1 | 0.2500 | 0.2500 | 0.2500 | 1 | 1 |"]
+                      "| psa | 1 | 0.2500 | 0.2500 | 0.2500 | 2 | 3 |"]
     assert (results / "quality_val_curves_ml-100k_authors.png").exists()

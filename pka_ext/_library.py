@@ -1,9 +1,13 @@
 """Loads the compiled library, which registers torch.ops.pka_ext.* on import."""
 
+import importlib
+
 import torch
 
 try:
-    from pka_ext import _C  # noqa: F401
+    # Not `from pka_ext import _C`: while pka_ext is still importing, a missing _C would be
+    # reported as "most likely due to a circular import".
+    importlib.import_module("pka_ext._C")
 except ImportError as err:
     raise ImportError(
         "pka_ext's compiled library (pka_ext._C) is missing or failed to load "

@@ -1,4 +1,5 @@
-"""The build itself: error messages survive a toolchain that links libstdc++ statically.
+"""The build itself: error messages survive a toolchain that links libstdc++ statically, and a
+missing compiled library says how to build it.
 
 On the GPU machine (2026-11-28) every bad call whose message held a number crashed the process: the
 extension carried its own copy of libstdc++, whose exported symbols mixed with the process's shared
@@ -13,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -97,3 +99,24 @@ def test_sdist_carries_every_source_and_test(tmp_path):
                        if f.endswith(suffixes)}
     assert any(w.endswith(".cuh") for w in wanted) and "tests/conftest.py" in wanted
     assert wanted <= packed, sorted(wanted - packed)
+
+
+def test_a_missing_compiled_library_says_how_to_build_it(tmp_path):
+    shutil.copytree(os.path.join(REPO, "pka_ext"), tmp_path / "pka_ext",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    # An editable install's finder would still find the repository's _C: take it out.
+    code = textwrap.dedent("""
+        import sys
+        sys.meta_path[:] = [f for f in sys.meta_path
+                            if "Editable" not in getattr(f, "__name__", "")]
+        sys.path_hooks[:] = [h for h in sys.path_hooks
+                             if "editable" not in getattr(h, "__module__", "")]
+        sys.path_importer_cache.clear()
+        import pka_ext
+    """)
+    run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode != 0
+    assert ("ImportError: pka_ext's compiled library (pka_ext._C) is missing or failed to load "
+            "(No module named 'pka_ext._C')") in run.stderr, run.stderr
+    assert "pip install --no-build-isolation -e ." in run.stderr
+    assert "circular import" not in run.stderr

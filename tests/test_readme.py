@@ -60,7 +60,7 @@ def test_training_from_python_example_runs(tmp_path, monkeypatch):
     exec(compile(training, "README training from Python", "exec"), ns)
     assert ns["data"].num_users == 300 and ns["data"].num_events == 6000
     assert ns["metrics"]["dataset"] == "mine" and ns["metrics"]["epochs_run"] == 2
-    rec = Recommender.load("runs/mine/checkpoint.pt")
+    rec = Recommender.load("runs/mine-py/checkpoint.pt")
     assert len(rec.recommend(["i3", "i7"], k=5)) == 5
 
 

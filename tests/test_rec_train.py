@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import math
@@ -17,13 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from pka_ext.rec.cli import main as cli_main, rank_device
-from pka_ext.rec.config import ModelConfig, RunConfig, TrainConfig
-from pka_ext.rec.data import load
+from pka_ext.rec.config import DataConfig, ModelConfig, RunConfig, TrainConfig
+from pka_ext.rec.data import DataError, load
 from pka_ext.rec.evaluate import evaluate, pad_left, rank_metrics, score_contexts
 from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import EvalSet
 from pka_ext.rec.recommender import Recommender
-from pka_ext.rec.train import next_item_loss, train_steps
+from pka_ext.rec.train import fit, next_item_loss, train_steps
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 INF = math.inf
@@ -40,12 +41,30 @@ def test_rank_metrics_hand_computed():
     assert topk[0].tolist() == [1, 3, 2]
 
 
-def test_rank_metrics_ties_count_half():
+def test_rank_metrics_ties_take_the_expectation_over_random_order():
     scores = torch.zeros(1, 5)
     scores[0, 0] = -INF
-    hit, ndcg, _ = rank_metrics(scores, torch.tensor([3]), k=2)  # 3 tied others -> rank 1.5
-    assert hit.item() == 1.0
-    assert ndcg.item() == pytest.approx(1 / math.log2(3.5))
+    # The target ties with 3 others: rank 0, 1, 2 or 3, each with probability 1/4.
+    hit, ndcg, _ = rank_metrics(scores, torch.tensor([3]), k=2)
+    assert hit.item() == pytest.approx(2 / 4)
+    assert ndcg.item() == pytest.approx((1 + 1 / math.log2(3)) / 4)
+    scores[0, 1] = 1.0  # item 1 moves above the tie: rank 1, 2 or 3
+    hit, ndcg, _ = rank_metrics(scores, torch.tensor([3]), k=2)
+    assert hit.item() == pytest.approx(1 / 3)
+    assert ndcg.item() == pytest.approx(1 / math.log2(3) / 3)
+
+
+def test_rank_metrics_broken_scores_never_hit():
+    scores = torch.tensor([[-INF, 1.0, 2.0, 3.0],
+                           [-INF, 1.0, 2.0, 3.0],
+                           [-INF, INF, 2.0, 3.0]])
+    scores[0, 3] = math.nan  # the target's own score: a diverged model
+    scores[1, 2] = math.nan  # another item's: counts as above the target
+    hit, ndcg, _ = rank_metrics(scores, torch.tensor([3, 1, 1]), k=2)
+    assert hit.tolist() == [0.0, 0.0, 0.0] and ndcg.tolist() == [0.0, 0.0, 0.0]
+    hit, ndcg, _ = rank_metrics(scores, torch.tensor([3, 1, 1]), k=3)
+    assert hit.tolist() == [0.0, 1.0, 0.0]
+    assert ndcg[1].item() == pytest.approx(1 / math.log2(4))
 
 
 class FixedScorer(torch.nn.Module):
@@ -85,6 +104,15 @@ def test_evaluate_excludes_context_but_keeps_repeated_target():
     assert several["ndcg@3"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(4)) / 3)
     with pytest.raises(ValueError, match="k must be one or more positive cutoffs"):
         evaluate(model, es, num_items=5, k=[0, 10])
+
+
+def test_coverage_counts_only_rankable_items():
+    """A list longer than the items left to rank is not padded out with padding or the context."""
+    model = FixedScorer([9.0, 5.0, 4.0, 3.0])
+    es = EvalSet(contexts=[np.array([1, 2])], targets=np.array([3]), users=np.arange(1))
+    m = evaluate(model, es, num_items=3, k=[1, 5])
+    assert m["cov@1"] == m["cov@5"] == pytest.approx(1 / 3)
+    assert m["hr@1"] == 1.0
 
 
 @pytest.mark.parametrize("name", ["psa", "sasrec", "nope", "rope"])
@@ -238,6 +266,13 @@ def test_recommend_scores_empty_and_unknown_histories(tmp_path):
     assert messages == ["2 histories have no item known to the model and get no recommendations",
                         "skipping 3 item ids unknown to the model: ['nope-1', 'nope-2', 'nope-3']"]
     assert out[1] == out[2] == [] and out[0] == rec.recommend(["12"], 3) and len(out[3]) == 3
+    with pytest.warns(UserWarning, match=r"skipping 1 item ids unknown to the model \(2 "
+                                         r"occurrences\): \['nope-1'\]"):
+        rec.recommend(["nope-1", "12", "nope-1"], 3)
+    with pytest.raises(SystemExit, match="no item of --history is known to the model"), \
+            pytest.warns(UserWarning):
+        cli_main(["recommend", "--checkpoint", os.path.join(tmp_path, "psa", "checkpoint.pt"),
+                  "--history", "nope-1 nope-2"])
     everything = rec.vocab.decode(range(1, len(rec.vocab) + 1))
     assert sorted(rec.recommend(everything[2:], 5)) == sorted(everything[:2])  # fewer than k left
 
@@ -502,8 +537,8 @@ def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
                   "--out", recs])
 
 
-def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
-    from pka_ext.rec import DataConfig, Interactions, train_run
+def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path, capsys):
+    from pka_ext.rec import Interactions, train_run
 
     path = _events_csv(tmp_path, bad_line=False)
     from_file = _train_on_csv(path, str(tmp_path / "file"))
@@ -516,6 +551,57 @@ def test_train_run_on_in_memory_events_equals_training_on_their_file(tmp_path):
     assert metrics["dataset"] == "events"  # not "synthetic", the format DataConfig defaults to
     for split in ("val", "test"):
         assert metrics[split] == from_file[split]
+    # Recorded as events from Python, not as the built-in data: evaluating needs the data again.
+    assert metrics["config"]["data"]["format"] == "events"
+    ckpt = str(tmp_path / "memory" / "checkpoint.pt")
+    with pytest.raises(SystemExit, match="pka-rec evaluate: this run was trained on events passed "
+                                         "from Python"):
+        cli_main(["evaluate", "--checkpoint", ckpt])
+    capsys.readouterr()
+    cli_main(["evaluate", "--checkpoint", ckpt, "--data", str(path), "--format", "csv",
+              "--columns", "uid,item_name", "--sep", ";"])
+    assert json.loads(capsys.readouterr().out)["test"] == from_file["test"]
+
+
+def test_a_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
+    from pka_ext.rec import TrainingDiverged, make_synthetic
+    from pka_ext.rec.protocols import leave_one_out
+
+    # Adam's steps are about lr in size: 1e30 overflows the logits within the first epoch.
+    with pytest.raises(SystemExit, match="pka-rec train: epoch 1: the training loss is not "
+                                         "finite; no epoch had finished. Try a lower learning"):
+        _train_cli(tmp_path, "psa", ["--lr", "1e30"])
+    split = leave_one_out(make_synthetic(num_users=200, num_items=50, max_len=12))
+    model = _tiny_model(num_items=50)
+    saved = []
+
+    def poison_after_epoch_2(state):
+        saved.append(copy.deepcopy(state.best_state))
+        if state.epoch == 2:
+            with torch.no_grad():
+                next(model.parameters()).fill_(math.nan)
+
+    with pytest.raises(TrainingDiverged, match="epoch 3: the training loss is not finite; "
+                                               "the last checkpoint holds epoch 2"):
+        fit(model, split, TrainConfig(epochs=5, patience=50), on_epoch_end=poison_after_epoch_2,
+            progress=False, log=lambda *_: None)
+    assert len(saved) == 2
+    assert all(torch.isfinite(w).all() for w in saved[-1].values())
+
+
+def test_an_empty_validation_split_is_an_error_not_a_blind_early_stop(tmp_path):
+    from pka_ext.rec import Interactions, train_run
+
+    rng = np.random.default_rng(0)
+    users = [f"u{n % 40}" for n in range(800)]
+    items = [f"i{rng.integers(20)}" for _ in users]
+    times = [min(n, 700) for n in range(800)]  # the last eighth of the events share one time
+    cfg = RunConfig(ModelConfig(model="nope", max_len=8, hidden=16), TrainConfig(epochs=1),
+                    DataConfig(protocol="temporal"))
+    with pytest.raises(DataError, match=r"the validation split has no events to score.*temporal "
+                                        r"cuts at times 700 and 700: 0 events fall between them"):
+        train_run(cfg, str(tmp_path / "o"), data=Interactions.from_events(users, items, times),
+                  progress=False)
 
 
 @pytest.mark.parametrize("flags,match", [
@@ -549,6 +635,9 @@ def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     ("--lr", "-1e-3", "a positive number"),
     ("--lr", "nan", "a positive number"),
     ("--dropout", "1", r"a number in \[0, 1\)"),
+    ("--val-start", "2", r"a number in \(0, 1\)"),
+    ("--test-start", "0", r"a number in \(0, 1\)"),
+    ("--seed", "-1", "a non-negative integer"),
 ])
 def test_cli_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value, expected):
     # Each of these used to train nothing silently (--epochs 0, --negatives 0, --patience 0) or
@@ -576,6 +665,12 @@ def test_cli_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, flag
     (TrainConfig, "lr", 0.0, "lr must be a positive number, got 0.0"),
     (TrainConfig, "weight_decay", -0.1, "weight_decay must be a non-negative number"),
     (TrainConfig, "loss", "bpr", "loss must be 'ce' or 'sampled', got 'bpr'"),
+    (TrainConfig, "seed", -1, "seed must be a non-negative integer, got -1"),
+    (TrainConfig, "device", "tpu", "device must be 'cpu', 'cuda' or 'cuda:N', got 'tpu'"),
+    (TrainConfig, "report_ks", 5, "eval_k must be a positive integer and report_ks a list of them"),
+    (DataConfig, "val_start", 1.0, r"val_start must be a number in \(0, 1\), got 1.0"),
+    (DataConfig, "test_start", 0.5, "val_start=0.95 must be <= test_start=0.5"),
+    (DataConfig, "max_eval_events", 0, "max_eval_events must be a positive integer or None"),
 ])
 def test_configs_reject_bad_fields_by_name(cls, field, value, match):
     with pytest.raises(ValueError, match=match):
@@ -618,7 +713,44 @@ def test_cli_names_bad_paths_checkpoints_and_devices_in_one_line(tmp_path, capsy
         with pytest.raises(SystemExit):
             cli_main(["train", "--device", "cuda", "--out", str(tmp_path / "cuda")])
         assert "argument --device: 'cuda': no CUDA device is available here" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match=r"pka-rec plot-kernels: a data file \(x.txt\) is given "
-                                         r"with format 'synthetic'"):
+    with pytest.raises(SystemExit, match=r"pka-rec evaluate: .* is a folder; name the checkpoint "
+                                         r"file, such as .*checkpoint.pt"):
+        cli_main(["evaluate", "--checkpoint", os.path.dirname(ckpt)])
+    # The built-in data has no file format to inherit: the suffix names it, or --format must.
+    with pytest.raises(SystemExit, match=r"pka-rec plot-kernels: --format is needed for x.txt"):
         cli_main(["plot-kernels", "--checkpoint", ckpt, "--data", "x.txt", "--out",
                   str(tmp_path / "k.png")])
+    for out, match in ((tmp_path, "is a folder; name an image file such as"),
+                       (tmp_path / "kernels", "name an image file ending in one of .*, .png,")):
+        with pytest.raises(SystemExit, match=f"pka-rec plot-kernels: {re.escape(str(out))}.*"
+                                             f"{match}"):
+            cli_main(["plot-kernels", "--checkpoint", ckpt, "--out", str(out)])
+
+
+def test_plot_kernels_reads_another_file_in_the_models_numbering(tmp_path, monkeypatch):
+    import pka_ext.rec.plots as plots
+
+    path = _events_csv(tmp_path, bad_line=False)
+    _train_on_csv(path, str(tmp_path / "psa"))
+    _train_on_csv(path, str(tmp_path / "sasrec"), "--model", "sasrec")
+    header, *rows = path.read_text().splitlines()
+    by_user = {}
+    for row in rows:
+        by_user.setdefault(row.split(";")[0], []).append(row)
+    # The same events, users in reverse order: the file's own numbering of the items differs.
+    flipped = tmp_path / "flipped.txt"
+    flipped.write_text("\n".join([header, *(r for u in reversed(by_user) for r in by_user[u])]))
+    captured = {}
+    monkeypatch.setattr(plots, "plot_kernels",
+                        lambda model, out, contexts: captured.update(c=contexts))
+    ckpt = str(tmp_path / "psa" / "checkpoint.pt")
+    cli_main(["plot-kernels", "--checkpoint", ckpt, "--data", str(flipped), "--out",
+              str(tmp_path / "k.png")])
+    vocab = Recommender.load(ckpt).vocab
+    assert [vocab.decode(c) for c in captured["c"]] == [
+        [r.split(";")[1] for r in by_user[u]] for u in reversed(by_user)]
+    monkeypatch.undo()
+    with pytest.raises(SystemExit, match="pka-rec plot-kernels: nothing to plot: the model has no "
+                                         "kernels and no contexts were given"):
+        cli_main(["plot-kernels", "--checkpoint", str(tmp_path / "sasrec" / "checkpoint.pt"),
+                  "--out", str(tmp_path / "k.png")])

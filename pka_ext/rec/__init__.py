@@ -10,6 +10,7 @@ from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.recommender import CheckpointError, Recommender
 from pka_ext.rec.runner import train_run
 from pka_ext.rec.synthetic import make_synthetic
+from pka_ext.rec.train import TrainingDiverged
 
 __all__ = [
     "CheckpointError",
@@ -21,6 +22,7 @@ __all__ = [
     "RunConfig",
     "SeqRecModel",
     "TrainConfig",
+    "TrainingDiverged",
     "load",
     "make_synthetic",
     "train_run",

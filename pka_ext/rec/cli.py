@@ -19,9 +19,10 @@ import torch
 import torch.distributed as dist
 
 from pka_ext.rec.config import MODELS, DataConfig, ModelConfig, RunConfig, TrainConfig
-from pka_ext.rec.data import FORMATS, DataError, ItemVocab
+from pka_ext.rec.data import FORMATS, DataError
 from pka_ext.rec.recommender import CheckpointError, Recommender, load_checkpoint
 from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
+from pka_ext.rec.train import TrainingDiverged
 
 
 def rank_device(device: str, env=os.environ) -> str:
@@ -89,6 +90,8 @@ def _checked(convert, ok, expected: str):
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
+_quantile = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
+_seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
 
 
 _SUFFIX_FORMATS = {".inter": "recbole", ".csv": "csv", ".tsv": "csv"}
@@ -155,6 +158,11 @@ def _data_config(args, dc: DataConfig) -> DataConfig:
     changes = {}
     if args.data is not None:
         changes["path"] = args.data
+        if args.format is None and dc.format in ("synthetic", "events"):
+            try:  # no file format to inherit: take the one the suffix names, as train does
+                changes["format"] = _train_format(args.data, None)
+            except ValueError as e:
+                raise SystemExit(f"pka-rec {args.command}: {e}") from None
     if args.columns is not None:
         changes["columns"] = args.columns.split(",")
     if args.sep is not None:
@@ -192,7 +200,10 @@ def cmd_recommend(args) -> None:
                                           ("--out", args.out != "-")) if value]
         if given:
             raise SystemExit(f"pka-rec recommend: {', '.join(given)} apply to --data, not --history")
-        print(" ".join(rec.recommend(args.history.split(), args.k, exclude_seen=exclude_seen)))
+        top = rec.recommend(args.history.split(), args.k, exclude_seen=exclude_seen)
+        if not top:  # not an empty line and success
+            raise SystemExit("pka-rec recommend: no item of --history is known to the model")
+        print(" ".join(top))
         return
     data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
     histories = [data.vocab.decode(s) for s in data.sequences]
@@ -212,14 +223,20 @@ def cmd_recommend(args) -> None:
 
 
 def cmd_plot(args) -> None:
-    from pka_ext.rec.plots import plot_kernels
+    from pka_ext.rec.plots import check_image_path, plot_kernels
 
-    rec = Recommender.load(args.checkpoint, args.device)
-    contexts = None
-    if args.data or rec.config.data.format == "synthetic":
-        data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
-        contexts = [ItemVocab.from_dict(data.id_maps()).encode(rec.vocab.decode(s)) for s in data.sequences]
-    plot_kernels(rec.model, args.out, contexts)
+    try:  # a bad --out, nothing to plot or no history long enough: one line, no traceback
+        check_image_path(args.out)
+        rec = Recommender.load(args.checkpoint, args.device)
+        contexts = None
+        if args.data or rec.config.data.format == "synthetic":
+            data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
+            # The file's own numbering to the model's; items the model never saw are left out.
+            contexts = [rec.vocab.encode(data.vocab.decode(s), unknown="skip")
+                        for s in data.sequences]
+        plot_kernels(rec.model, args.out, contexts)
+    except ValueError as e:
+        raise SystemExit(f"pka-rec plot-kernels: {e}") from None
     print(f"wrote {args.out}")
 
 
@@ -265,7 +282,7 @@ def _data_options(parser, *, data: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pka-rec", description=__doc__,
+    p = argparse.ArgumentParser(prog="pka-rec", description=__doc__.replace("``", ""),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -292,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
             help="PSA, or a baseline: learned absolute positions, none, rotary")
     _option(t, "--epochs", type=_positive_int, default=50,
             help="most epochs (early stopping may end sooner)")
-    _option(t, "--seed", type=int, default=0,
+    _option(t, "--seed", type=_seed, default=0,
             help="weights, batch order, dropout, negatives, synthetic data")
     _option(t, "--max-len", type=_positive_int, default=50,
             help="context length T (the most recent items)")
@@ -322,8 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
             help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
     _option(t, "--negatives", type=_positive_int, default=256,
             help="negatives for --loss sampled")
-    _option(t, "--val-start", type=float, default=0.95, help="temporal: validation quantile")
-    _option(t, "--test-start", type=float, default=0.97, help="temporal: test quantile")
+    _option(t, "--val-start", type=_quantile, default=0.95, help="temporal: validation quantile")
+    _option(t, "--test-start", type=_quantile, default=0.97, help="temporal: test quantile")
     _option(t, "--max-eval-events", type=_positive_int, default=None,
             help="temporal: evaluate at most this many held-out events (default: all of them)")
     _option(t, "--report-k", type=_cutoffs, default="5,10,20", metavar="K[,K...]",
@@ -374,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="PSA vs SASRec on the embedded synthetic data")
     _option(d, "--epochs", type=_positive_int, default=8, help="most epochs per model")
-    _option(d, "--seed", type=int, default=0, help="data, weights and training")
+    _option(d, "--seed", type=_seed, default=0, help="data, weights and training")
     _option(d, "--out", default="runs/demo", help="folder for both runs")
     d.set_defaults(fn=cmd_demo)
     return p
@@ -384,8 +401,9 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
-    # The user's files (named, with the line for data), not our code: a message, no traceback.
-    except (DataError, CheckpointError, OSError) as e:
+    # The user's files (named, with the line for data) or a diverged run, not our code: a
+    # message, no traceback.
+    except (DataError, CheckpointError, OSError, TrainingDiverged) as e:
         raise SystemExit(f"pka-rec {args.command}: {e}") from None
 
 

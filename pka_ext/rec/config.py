@@ -27,6 +27,16 @@ def _int_at_least(minimum: int):
     return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
 
 
+def _device_name(v) -> bool:
+    """A device string this code can train on (whether this machine has it is checked later)."""
+    import torch
+
+    try:
+        return isinstance(v, str) and torch.device(v).type in ("cpu", "cuda")
+    except RuntimeError:
+        return False
+
+
 def _number(ok):
     return lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) \
         and ok(v)
@@ -94,10 +104,15 @@ class TrainConfig:
         _require(self, "lr", _number(lambda v: v > 0), "a positive number")
         _require(self, "weight_decay", _number(lambda v: v >= 0), "a non-negative number")
         _require(self, "loss", ("ce", "sampled").__contains__, "'ce' or 'sampled'")
-        self.report_ks = list(self.report_ks)
-        if not all(isinstance(c, int) and c >= 1 for c in [self.eval_k, *self.report_ks]):
-            raise ValueError(f"eval_k and report_ks must be positive integers, got "
-                             f"{self.eval_k!r} and {self.report_ks!r}")
+        # numpy's seed sequences, which order the batches, take non-negative integers only.
+        _require(self, "seed", _int_at_least(0), "a non-negative integer")
+        _require(self, "device", _device_name, "'cpu', 'cuda' or 'cuda:N'")
+        ks = self.report_ks
+        self.report_ks = list(ks) if isinstance(ks, (list, tuple)) else ks
+        if not isinstance(self.report_ks, list) or not all(
+                _int_at_least(1)(c) for c in [self.eval_k, *self.report_ks]):
+            raise ValueError(f"eval_k must be a positive integer and report_ks a list of them, "
+                             f"got {self.eval_k!r} and {ks!r}")
 
     @property
     def metric_ks(self) -> list[int]:
@@ -110,7 +125,9 @@ class DataConfig:
     """Where the interactions come from and how they are split."""
 
     path: str | None = None
-    format: str = "synthetic"  # s3rec, sasrec, recbole, csv, synthetic
+    # s3rec, sasrec, recbole, csv (files); synthetic (the built-in data); events (passed from
+    # Python to train_run, which sets it: such a run's data must be given again to evaluate it).
+    format: str = "synthetic"
     protocol: str = "loo"  # loo or temporal
     val_start: float = 0.95
     test_start: float = 0.97
@@ -123,9 +140,19 @@ class DataConfig:
     skip_bad: bool = False  # skip malformed data lines with one warning instead of failing
 
     def __post_init__(self):
-        _require(self, "format", (*FORMATS, "synthetic").__contains__,
-                 f"one of {(*FORMATS, 'synthetic')}")
+        _require(self, "format", (*FORMATS, "synthetic", "events").__contains__,
+                 f"one of {(*FORMATS, 'synthetic', 'events')}")
         _require(self, "protocol", ("loo", "temporal").__contains__, "'loo' or 'temporal'")
+        for name in ("val_start", "test_start"):
+            _require(self, name, _number(lambda v: 0 < v < 1), "a number in (0, 1)")
+        if self.val_start > self.test_start:
+            raise ValueError(f"val_start={self.val_start} must be <= test_start={self.test_start}: "
+                             f"the validation period comes before the test period")
+        _require(self, "max_eval_events", lambda v: v is None or _int_at_least(1)(v),
+                 "a positive integer or None (all events)")
+        if self.format == "events" and self.path is not None:
+            raise ValueError(f"format 'events' stands for events passed from Python, not a file "
+                             f"({self.path}); name the file's format: {', '.join(FORMATS)}")
         if self.format == "synthetic" and self.path is not None:
             # The synthetic data ignores any file: training on it under the file's name would
             # report numbers for data the run never read.

@@ -19,28 +19,39 @@ def pad_left(seqs, length: int) -> np.ndarray:
     return out
 
 
-def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """0-based rank of each event's target: [n] float64.
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each event's target stands: (items above it, other items tied with it), [n] int64 each.
 
     scores: [n, N + 1] (column 0 = padding, already -inf along with excluded items); targets: [n].
-    The rank counts items scoring strictly higher plus half of the other items tied with the
-    target, so a constant model gets the expected rank of a random order, not rank 0.
+    A NaN score counts as above the target, and a target whose own score is not finite (a model
+    that diverged) as below every item: a broken model must score 0, not rank its targets first.
     """
     t = scores.gather(1, targets[:, None])  # [n, 1]
-    higher = (scores > t).sum(1).double()
-    ties = (scores == t).sum(1).double() - 1
-    return higher + ties / 2
+    higher = (~(scores <= t)).sum(1)
+    ties = (scores == t).sum(1) - 1
+    broken = ~torch.isfinite(t[:, 0])
+    higher = torch.where(broken, torch.full_like(higher, scores.shape[1]), higher)
+    return higher, torch.where(broken, torch.zeros_like(ties), ties)
 
 
-def hit_ndcg(rank: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-event HR@k and NDCG@k from 0-based target ranks."""
-    hit = (rank < k).double()
-    return hit, hit / torch.log2(rank + 2)
+def hit_ndcg(higher: torch.Tensor, ties: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-event HR@k and NDCG@k, float64, from :func:`target_ranks`.
+
+    Tied items are ranked in random order, and the metrics are their exact expectation over that
+    order: the target's 0-based rank is uniform on ``higher ... higher + ties``. So a constant model
+    gets what a random ranking would, rather than every target counted at the top of its tie.
+    """
+    discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=higher.device) + 2)
+    gain_before = torch.cat([discount.new_zeros(1), discount.cumsum(0)])  # [k + 1]: ranks < m
+    lo = higher.clamp(max=k)
+    hi = (higher + ties + 1).clamp(max=k)
+    n = (ties + 1).double()
+    return (hi - lo).double() / n, (gain_before[hi] - gain_before[lo]) / n
 
 
 def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int):
-    """Per-event HR@k and NDCG@k (see :func:`target_ranks`), plus the top-k lists."""
-    return (*hit_ndcg(target_ranks(scores, targets), k), scores.topk(k, dim=1).indices)
+    """Per-event HR@k and NDCG@k (see :func:`hit_ndcg`), plus the top-k lists."""
+    return (*hit_ndcg(*target_ranks(scores, targets), k), scores.topk(k, dim=1).indices)
 
 
 @torch.no_grad()
@@ -89,7 +100,9 @@ def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
     Full ranking over all items; items already in the context are excluded, except the target
     itself when it repeats an earlier item (excluding it would make the event unwinnable).
     ``k`` is one cutoff or several; returns ``{"ndcg@k", "hr@k", "cov@k"}`` for each, and
-    ``"events"``. COV@k is the share of the catalogue that appears in some top-k list.
+    ``"events"``. COV@k is the share of the catalogue that appears in some top-k list (rankable
+    items only: padding and excluded items never count, even when too few items are left to fill
+    a list).
     """
     ks = sorted({k} if isinstance(k, int) else set(k))
     if not ks or ks[0] < 1:
@@ -97,16 +110,24 @@ def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
     was_training = model.training
     model.eval()
     targets = np.asarray(evalset.targets, dtype=np.int64)
-    ranks, tops = [], []
+    higher, ties, tops = [], [], []
     for rows, s in score_contexts(model, evalset.contexts, device, batch_size, keep=targets):
-        ranks.append(target_ranks(s, torch.from_numpy(targets[rows]).to(s.device)))
-        tops.append(s.topk(min(ks[-1], s.shape[1]), dim=1).indices)
+        h, t = target_ranks(s, torch.from_numpy(targets[rows]).to(s.device))
+        higher.append(h)
+        ties.append(t)
+        vals, top = s.topk(min(ks[-1], s.shape[1]), dim=1)
+        # Fewer than k rankable items leave -inf columns (padding, excluded items) in the list.
+        tops.append(top.masked_fill(~torch.isfinite(vals), 0))
     model.train(was_training)
-    rank = torch.cat(ranks) if ranks else torch.zeros(0, dtype=torch.float64)
-    top = torch.cat(tops) if tops else torch.zeros(0, ks[-1], dtype=torch.int64)
-    per_k = {c: hit_ndcg(rank, c) for c in ks}
-    out = {f"ndcg@{c}": per_k[c][1].mean().item() if ranks else 0.0 for c in ks}
-    out.update({f"hr@{c}": per_k[c][0].mean().item() if ranks else 0.0 for c in ks})
-    out.update({f"cov@{c}": top[:, :c].unique().numel() / num_items for c in ks})
+    if tops:
+        per_k = {c: [m.mean().item() for m in hit_ndcg(torch.cat(higher), torch.cat(ties), c)]
+                 for c in ks}
+        top = torch.cat(tops)
+    else:
+        per_k = {c: [0.0, 0.0] for c in ks}
+        top = torch.zeros(0, ks[-1], dtype=torch.int64)
+    out = {f"ndcg@{c}": per_k[c][1] for c in ks}
+    out.update({f"hr@{c}": per_k[c][0] for c in ks})
+    out.update({f"cov@{c}": int((top[:, :c].unique() != 0).sum()) / num_items for c in ks})
     out["events"] = len(targets)
     return out

@@ -5,6 +5,8 @@ Needs matplotlib (``pip install pka-ext[plot]``).
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 
@@ -18,6 +20,25 @@ def _pyplot():
     except ImportError as err:
         raise ImportError("plotting needs matplotlib: pip install matplotlib") from err
     return plt
+
+
+def check_image_path(path: str) -> None:
+    """Raises a ValueError unless ``path`` names an image file matplotlib can write.
+
+    Checked before any work: savefig would add ``.png`` to a name without a suffix (so the file
+    written is not the one named) and fails only at the end on an unknown one.
+    """
+    _pyplot()
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; name an image file such as "
+                         f"{os.path.join(path, 'kernels.png')}")
+    suffix = os.path.splitext(path)[1].lstrip(".").lower()
+    formats = sorted(FigureCanvasAgg.get_supported_filetypes())
+    if suffix not in formats:
+        raise ValueError(f"{path}: name an image file ending in one of "
+                         f"{', '.join('.' + f for f in formats)}")
 
 
 @torch.no_grad()

@@ -164,7 +164,8 @@ def temporal(data: Interactions, val_start: float = 0.95, test_start: float = 0.
         Interactions with timestamps, each user's non-decreasing.
     val_start, test_start : float
         Quantile levels of the cuts, ``0 < val_start <= test_start < 1``; equal levels give an
-        empty validation set.
+        empty validation set, as do distinct levels whose quantiles fall on one shared timestamp
+        (training refuses such a split).
     max_eval_events : int, optional
         Cap on the size of each of ``val`` and ``test``.
 
@@ -185,7 +186,8 @@ def temporal(data: Interactions, val_start: float = 0.95, test_start: float = 0.
     """
     if data.timestamps is None:
         raise DataError("the temporal protocol needs timestamps, and this data has none "
-                        "(use leave_one_out, or a format with times such as recbole or csv)")
+                        "(use leave-one-out, pka-rec's --protocol loo, or a format with times such as "
+                        "recbole or csv)")
     if not 0 < val_start <= test_start < 1:
         raise ValueError(f"need 0 < val_start <= test_start < 1, got val_start={val_start}, "
                          f"test_start={test_start}")

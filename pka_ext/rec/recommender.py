@@ -44,15 +44,20 @@ class CheckpointError(ValueError):
 def load_checkpoint(path: str, device="cpu") -> dict:
     """The payload :func:`save_checkpoint` wrote, tensors on ``device``.
 
-    Raises FileNotFoundError for a missing file and :class:`CheckpointError` for any other file.
+    Raises FileNotFoundError for a missing file, IsADirectoryError for a folder and
+    :class:`CheckpointError` for any other file.
     """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path} is a folder; name the checkpoint file, such as "
+                                f"{os.path.join(path, 'checkpoint.pt')}")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # torch.load raises anything from pickle, zip and its own checks
         # Its first line kept: the file may be a checkpoint that cannot be loaded here.
-        reason = (str(e).strip().splitlines() or [""])[0][:160]
+        reason = (str(e).strip().splitlines() or [""])[0]
+        reason = reason if len(reason) <= 160 else reason[:159] + "…"
         raise CheckpointError(f"{path} could not be read as a {CHECKPOINT_FORMAT} checkpoint "
                               f"(torch.load: {type(e).__name__}: {reason})") from e
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
@@ -94,8 +99,10 @@ class Recommender:
                 unknown.extend(r for r in raw if r not in self.vocab.index)
             contexts.append(enc)
         if unknown:
-            warnings.warn(f"skipping {len(unknown)} item ids unknown to the model: "
-                          f"{sorted(set(unknown))[:5]}", stacklevel=3)
+            distinct = sorted(set(unknown))
+            repeats = f" ({len(unknown)} occurrences)" if len(unknown) > len(distinct) else ""
+            warnings.warn(f"skipping {len(distinct)} item ids unknown to the model{repeats}: "
+                          f"{distinct[:5]}", stacklevel=3)
         return contexts
 
     def item_vectors(self) -> tuple[list[str], np.ndarray]:

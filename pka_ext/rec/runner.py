@@ -6,6 +6,7 @@ in memory if it likes (``data=``).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -28,6 +29,10 @@ def load_interactions(dc: DataConfig, seed: int = 0) -> Interactions:
     """The interactions ``dc`` names: its file read with its options, or the synthetic data."""
     if dc.format == "synthetic":
         return make_synthetic(seed=seed)
+    if dc.format == "events":
+        raise DataError("this run was trained on events passed from Python (train_run's data=); "
+                        "give them again, as a file: --data FILE, with --format unless its "
+                        "suffix names it")
     if not dc.path:
         raise DataError(f"a data file is required for format {dc.format!r} (pka-rec: --data)")
     return load(dc.path, dc.format, **dc.reader_options())
@@ -66,20 +71,24 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt.
 
     ``data`` (e.g. from :meth:`Interactions.from_events`) is used instead of reading
-    ``cfg.data``'s file; ``cfg.data`` still gives the protocol and the data set's name.
+    ``cfg.data``'s file; ``cfg.data`` still gives the protocol and the data set's name, and is
+    recorded with format ``"events"`` (evaluating the checkpoint then needs the data again).
     Returns the metrics also written to ``metrics.json``.
     """
     world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-    # Made now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
+    # Checked now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", out_dir)
-    os.makedirs(out_dir, exist_ok=True)
-    name = cfg.data.dataset_name
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
-    elif not (cfg.data.name or cfg.data.path):
-        name = "events"  # not the name of the format the config happens to default to
+    else:
+        # Recorded as such, so that the checkpoint is not taken for one of the built-in data.
+        named = cfg.data.name or (cfg.data.dataset_name if cfg.data.path else None)
+        cfg.data = dataclasses.replace(cfg.data, format="events", path=None, columns=None,
+                                       sep=None, name=named)
+    name = cfg.data.dataset_name
     split = make_split(data, cfg.data)
+    os.makedirs(out_dir, exist_ok=True)  # after the data and its split, which may be refused
     cfg.model.num_items = split.num_items
     torch.manual_seed(cfg.train.seed)
     model = SeqRecModel(cfg.model).to(cfg.train.device)

@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from pka_ext.rec.config import TrainConfig
+from pka_ext.rec.data import DataError
 from pka_ext.rec.evaluate import evaluate, pad_left
 
 
@@ -69,6 +70,21 @@ class TrainState:
     optimizer_state: dict | None = None
     model_state: dict | None = None
     rng_state: dict | None = None  # torch's generators after the last epoch (dropout masks)
+
+
+class TrainingDiverged(FloatingPointError):
+    """The training loss became NaN or infinite."""
+
+
+def _empty_val_reason(split) -> str:
+    if split.protocol == "temporal":
+        info = split.info
+        return (f"temporal cuts at times {info['t_val']:g} and {info['t_test']:g}: "
+                f"{info['val_events']} events fall between them, "
+                f"{info['val_dropped_unseen_items']} of them items unseen in training, "
+                f"{info['val_skipped_empty_context']} with no earlier event; when many events "
+                f"share the time at a cut, both cuts can fall on it, so move --val-start lower")
+    return "leave-one-out scores users with at least 3 items; give users more history"
 
 
 def _world():
@@ -176,6 +192,9 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
     inputs, targets = training_arrays(split.train, model.cfg.max_len)
     if len(inputs) == 0:
         raise ValueError("no training sequence has two or more items")
+    if len(split.val.targets) == 0:
+        raise DataError(f"the validation split has no events to score, so early stopping could "
+                        f"not select an epoch ({_empty_val_reason(split)})")
     key = f"ndcg@{cfg.eval_k}"
     # A run that had already stopped early stays stopped when resumed.
     first = cfg.epochs + 1 if state.bad_epochs >= cfg.patience else state.epoch + 1
@@ -188,6 +207,16 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
                                       split.num_items, device, bar, epoch=epoch)
         seconds = time.perf_counter() - t0
         bar.close()
+        # Every rank decides together: a rank that raised alone would leave its peers waiting.
+        diverged = torch.tensor([0.0 if math.isfinite(loss) else 1.0], device=device)
+        if world > 1:
+            dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
+        if diverged.item():
+            kept = (f"the last checkpoint holds epoch {state.epoch} and the best weights, of "
+                    f"epoch {state.best_epoch}" if state.epoch else "no epoch had finished")
+            raise TrainingDiverged(
+                f"epoch {epoch}: the training loss is not finite; {kept}. Try a lower learning "
+                f"rate{' or training without --amp' if cfg.amp else ''}")
         state.train_seconds += seconds
         # On the training device: NCCL broadcasts only CUDA tensors (gloo takes the CPU one).
         metric = torch.zeros(1, dtype=torch.float64, device=device)

@@ -146,7 +146,9 @@ class PKAttention(nn.Module):
     dropout : float
         Dropout on attention probabilities (training only).
     bias : bool
-        Bias in the projections.
+        Bias in the projections. Keys and values are projected before they are mixed, so their
+        bias is mixed too, ``A (X W + b)``, where the authors' code mixes first, ``A X W + b``: the
+        two differ by the kernel's row sums times ``b``, which ``bias=False`` removes.
     backend : {"auto", "cpu", "cuda", "reference"}
     """
 

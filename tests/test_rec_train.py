@@ -679,6 +679,17 @@ def test_configs_reject_bad_fields_by_name(cls, field, value, match):
     assert ModelConfig(num_items=np.int64(5)).num_items == 5  # numpy integers count as integers
 
 
+def test_psa_kernel_settings_are_refused_for_other_models(tmp_path):
+    with pytest.raises(ValueError, match=r"the PSA kernel settings apply to model 'psa' only, not "
+                                         r"'nope': got \{'add_positional_embedding': True\}"):
+        ModelConfig(model="nope", add_positional_embedding=True)
+    with pytest.raises(SystemExit, match=r"pka-rec train: the PSA kernel settings .* not 'sasrec': "
+                                         r"got \{'key_kernel': 'full', 'share_value_kernel': False\}"):
+        cli_main(["train", "--model", "sasrec", "--key-kernel", "full", "--per-layer-value-kernel",
+                  "--out", str(tmp_path / "o")])
+    assert ModelConfig(model="psa", key_kernel="full").key_kernel == "full"
+
+
 def test_cli_train_takes_the_format_from_the_suffix_and_asks_for_it_otherwise(tmp_path):
     path = _events_csv(tmp_path, "events.csv", header="user,sku", sep=",", bad_line=False)
     out = str(tmp_path / "run")

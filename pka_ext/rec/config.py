@@ -42,6 +42,12 @@ def _number(ok):
         and ok(v)
 
 
+# ModelConfig's PSA kernel settings and their defaults (the paper's best setting).
+_PSA_DEFAULTS = {"key_kernel": "toeplitz", "value_kernel": "full", "share_key_kernel": False,
+                 "share_value_kernel": True, "normalize_kernels": True,
+                 "add_positional_embedding": False}
+
+
 @dataclass
 class ModelConfig:
     """The sequential recommender's architecture.
@@ -75,6 +81,12 @@ class ModelConfig:
         for name, allowed in (("model", MODELS), ("block", BLOCKS), ("key_kernel", KERNELS),
                               ("value_kernel", KERNELS), ("backend", BACKENDS)):
             _require(self, name, allowed.__contains__, f"one of {allowed}")
+        psa_only = {name: getattr(self, name) for name, default in _PSA_DEFAULTS.items()
+                    if getattr(self, name) != default}
+        if self.model != "psa" and psa_only:
+            # Accepted silently, they would change nothing while the run's config said otherwise.
+            raise ValueError(f"the PSA kernel settings apply to model 'psa' only, not "
+                             f"{self.model!r}: got {psa_only}")
         if self.hidden % self.num_heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by num_heads={self.num_heads}")
 

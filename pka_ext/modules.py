@@ -25,11 +25,23 @@ def _check_backend(backend: str) -> None:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+def as_lengths(lengths, device=None) -> torch.Tensor | None:
+    """The modules' ``lengths``: None, or a tensor or sequence of integers, as the op's int64."""
+    if lengths is None:
+        return None
+    lengths = torch.as_tensor(lengths, device=device)
+    if lengths.dtype == torch.bool or lengths.dtype.is_floating_point or lengths.is_complex():
+        raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+    return lengths.long()
+
+
 def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
     """Dispatches the op to a backend; ``auto`` runs the compiled op on the inputs' device."""
     _check_backend(backend)
-    if lengths is not None and lengths.dtype in (torch.int8, torch.int16, torch.int32, torch.uint8):
-        lengths = lengths.long()  # the op takes int64 lengths; widening them is exact
+    lengths = as_lengths(lengths)
+    # Under autocast q, k, v come out of the projections in the low dtype while the kernels stay
+    # float32 parameters; the op wants one dtype, and the kernels are small.
+    a_k, a_v = a_k.to(q.dtype), a_v.to(q.dtype)
     if backend == "reference":
         # python_ref wants an explicit seed; drawing it here keeps torch.manual_seed reproducibility.
         seed = int(seed_tensor(dropout_p, None)) if dropout_p > 0 else None
@@ -45,9 +57,6 @@ def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
             "a CUDA toolkit (CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .), or "
             "use backend='reference'."
         )
-    # Under autocast q, k, v come out of the projections in the low dtype while the kernels stay
-    # float32 parameters; the op wants one dtype, and the kernels are small.
-    a_k, a_v = a_k.to(q.dtype), a_v.to(q.dtype)
     return pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p)
 
 
@@ -106,7 +115,7 @@ class PositionalKernel(nn.Module):
             raise AttributeError("taps() exists only for kind='toeplitz'")
         g = self.weight
         if self.fix_first:
-            g = torch.cat([torch.ones_like(g[..., :1]), g], dim=-1)
+            g = torch.cat([g.new_ones(*g.shape[:-1], 1), g], dim=-1)  # g may be empty: max_len 1
         if self.normalize:
             g = g / g.norm(dim=-1, keepdim=True)
         return g
@@ -303,19 +312,25 @@ class PKATransformer(nn.Module):
         if T > self.max_len:
             raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")
         kernels = [(a_k.to(x.dtype), a_v.to(x.dtype)) for a_k, a_v in self.kernel_matrices(T)]
-        return run_blocks(self.blocks, self.final_ln, x, lengths, kernels)
+        return run_blocks(self.blocks, self.final_ln, x, as_lengths(lengths), kernels)
 
 
 def run_blocks(blocks, final_ln, x, lengths, kernels):
-    """Applies blocks (with their (A_k, A_v) pairs) and the final LayerNorm, keeping padded rows 0."""
+    """Applies blocks (with their (A_k, A_v) pairs) and the final LayerNorm, keeping padded rows 0.
+
+    Padded rows are selected away, not multiplied by 0, so that whatever the input holds there
+    (NaN, Inf) reaches neither the outputs nor the weights' gradients.
+    """
     B, T, _ = x.shape
     keep = padding_mask(lengths, B, T, x.device)
-    keep = None if keep is None else keep.unsqueeze(-1).to(x.dtype)  # [B, T, 1]
-    if keep is not None:
-        x = x * keep
+    if keep is None:
+        for block, (a_k, a_v) in zip(blocks, kernels):
+            x = block(x, lengths, a_k, a_v)
+        return final_ln(x)
+    keep = keep.unsqueeze(-1)  # [B, T, 1]
+    zero = x.new_zeros(())
+    x = torch.where(keep, x, zero)
     for block, (a_k, a_v) in zip(blocks, kernels):
-        x = block(x, lengths, a_k, a_v)
-        if keep is not None:
-            x = x * keep  # padded rows pick up biases in the FFN; keep them exactly 0
-    x = final_ln(x)
-    return x if keep is None else x * keep
+        # Padded rows pick up biases in the FFN; keep them exactly 0.
+        x = torch.where(keep, block(x, lengths, a_k, a_v), zero)
+    return torch.where(keep, final_ln(x), zero)

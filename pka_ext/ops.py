@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from pka_ext._library import built_with_cuda  # noqa: F401  (loads the compiled ops)
 from python_ref.checks import check_attention_args
@@ -69,7 +70,20 @@ def seed_tensor(dropout_p: float, seed: int | None) -> torch.Tensor | None:
         return None
     if seed is None:
         return torch.randint(0, 2**62, (), dtype=torch.int64)
+    seed = int(seed)  # numpy integers too
     return torch.tensor(seed - 2**64 if seed >= 2**63 else seed, dtype=torch.int64)
+
+
+def _reject_forward_ad(*tensors) -> None:
+    """Forward-mode AD through the op would silently give zero tangents: torch runs custom ops
+    that have no forward-AD formula as constants in that mode."""
+    if torch.compiler.is_compiling():  # compiled graphs do not carry forward-AD tangents
+        return
+    if any(t is not None and fwAD.unpack_dual(t).tangent is not None for t in tensors):
+        raise RuntimeError(
+            "pka_attention: forward-mode AD (torch.func.jvp, torch.func.jacfwd, "
+            "torch.autograd.forward_ad) is not implemented by the compiled op; "
+            "python_ref.pka_attention (backend='reference' in the modules) supports it")
 
 
 def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0, seed=None):
@@ -100,6 +114,7 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
         ``[B, H, T, d]``; rows at padded positions are exactly 0.
     """
     check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed, check_values=False)
+    _reject_forward_ad(q, k, v, a_k, a_v)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, _ = _fwd(q, k, v, a_k, a_v, lengths, float(scale), float(dropout_p),

@@ -16,6 +16,8 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
     """
     check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed)
     B, H, T, d = q.shape
+    if T == 0:
+        return q.new_zeros(q.shape)
     if scale is None:
         scale = d**-0.5
     if lengths is None:
@@ -26,15 +28,16 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
     valid = position[None, :] >= (T - lengths)[:, None]  # [B, T]: row is a real item
     causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()  # [T, T]: j <= i
 
-    # Mixing along time; padded rows of k and v count as zero.
+    # Mixing along time; padded rows of q, k and v count as zero. Selected, not multiplied by the
+    # mask, so that whatever they hold (NaN, Inf) reaches neither the outputs nor the gradients.
+    row = valid[:, None, :, None]  # [B, 1, T, 1]
+    q0, k0, v0 = (torch.where(row, t, torch.zeros_like(t)) for t in (q, k, v))
     A_k = a_k.tril()  # [T, T] or [H, T, T]
     A_v = a_v.tril()
-    k0 = k * valid[:, None, :, None]
-    v0 = v * valid[:, None, :, None]
     K = A_k @ k0  # [B, H, T, d]
     V = A_v @ v0
 
-    S = scale * (q @ K.transpose(-1, -2))  # [B, H, T, T]
+    S = scale * (q0 @ K.transpose(-1, -2))  # [B, H, T, T]
     visible = causal & valid[:, None, None, :] & valid[:, None, :, None]  # [B, 1, T, T]
 
     # Softmax over visible keys; a row with no visible key gets P = 0 (never NaN).
@@ -50,4 +53,6 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
         keep = dropout_keep_mask(seed, B, H, T, device=q.device) >= dropout_threshold(dropout_p)
         P = P * keep / (1.0 - dropout_p)
 
-    return P @ V  # [B, H, T, d]; rows of padded queries are 0 because their P rows are 0
+    # Rows of padded queries are 0 (their P rows are); selected so that an incoming gradient's
+    # padded rows, whatever they hold, are never multiplied in.
+    return torch.where(row, P @ V, torch.zeros_like(q))  # [B, H, T, d]

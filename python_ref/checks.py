@@ -5,6 +5,9 @@ Every message names the argument and the shapes involved.
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 
@@ -61,11 +64,14 @@ def check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed, *, 
             lo, hi = int(lengths.min()), int(lengths.max())
             if lo < 0 or hi > T:
                 raise ValueError(f"lengths must lie in [0, T={T}], got values in [{lo}, {hi}]")
-    if scale is not None and not isinstance(scale, (int, float)):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise TypeError(f"scale must be a float or None, got {type(scale).__name__}")
+    if scale is not None and not math.isfinite(scale):
+        raise ValueError(f"scale must be finite, got {scale!r}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a float in [0, 1), got {dropout_p!r}")
     if seed is not None and (
-        isinstance(seed, bool) or not isinstance(seed, int) or not -(2**63) <= seed < 2**64
+        isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+        or not -(2**63) <= seed < 2**64
     ):
         raise ValueError(f"seed must be None or an int in [-2**63, 2**64), got {seed!r}")

@@ -66,6 +66,21 @@ def test_bad_seed(seed):
         pka_ext.pka_attention(*good(), dropout_p=0.1, seed=seed)
 
 
+@pytest.mark.parametrize("op", OPS, ids=["compiled", "reference"])
+@pytest.mark.parametrize("scale,exc", [(True, TypeError), ("0.5", TypeError),
+                                       (float("inf"), ValueError), (float("nan"), ValueError)])
+def test_scale_must_be_a_finite_number(op, scale, exc):
+    with pytest.raises(exc, match="scale must be"):
+        op(*good(), scale=scale)
+
+
+def test_numpy_integers_are_seeds():
+    np = pytest.importorskip("numpy")
+    args = good()
+    assert torch.equal(pka_ext.pka_attention(*args, dropout_p=0.3, seed=np.int64(7)),
+                       pka_ext.pka_attention(*args, dropout_p=0.3, seed=7))
+
+
 def test_unsupported_cpu_dtype_names_dtype():
     args = [t.to(torch.float8_e4m3fn) if t is not None and t.is_floating_point() else t for t in good()]
     with pytest.raises(RuntimeError, match="bfloat16 and float16, got q of dtype Float8_e4m3fn"):

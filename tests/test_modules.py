@@ -189,6 +189,40 @@ def test_transformer_padding_rows_zero_and_independent_of_pad_amount():
     torch.testing.assert_close(padded[:, 7:], short, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("garbage", [float("nan"), float("inf")])
+def test_transformer_padded_input_rows_reach_neither_outputs_nor_gradients(backend, garbage):
+    m = PKATransformer(2, 8, 2, max_len=6, backend=backend).double()
+    x = torch.randn(2, 6, 8, dtype=torch.float64)
+    lens = torch.tensor([4, 6])
+    clean = m(x, lens)
+    clean.square().sum().backward()
+    grads = {name: p.grad.clone() for name, p in m.named_parameters()}
+    m.zero_grad()
+    dirty = x.clone()
+    dirty[0, :2] = garbage
+    out = m(dirty, lens)
+    out.square().sum().backward()
+    assert torch.equal(out, clean) and torch.all(out[0, :2] == 0)
+    for name, p in m.named_parameters():
+        assert torch.equal(p.grad, grads[name]), name
+
+
+def test_reference_backend_runs_under_autocast():
+    m = PKATransformer(1, 8, 2, max_len=4, backend="reference")
+    x = torch.randn(2, 4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m(x, torch.tensor([4, 2]))
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_kernels_of_length_one(heads):
+    for kind in ("toeplitz", "full"):
+        a = PositionalKernel(1, kind, num_heads=heads)(1)
+        assert a.shape == ((1, 1) if heads is None else (2, 1, 1)) and torch.all(a == 1), kind
+
+
 def test_transformer_rejects_long_sequences_and_bad_options():
     m = PKATransformer(1, 8, 1, max_len=4)
     with pytest.raises(ValueError, match="max_len=4"):
@@ -227,9 +261,11 @@ def test_modules_take_lengths_of_any_integer_dtype(backend):
     m = PKATransformer(1, 8, 2, max_len=5, backend=backend).double()
     x = torch.randn(3, 5, 8, dtype=torch.float64)
     ref = m(x, torch.tensor([5, 2, 0]))
-    for dtype in (torch.int32, torch.int16, torch.uint8):
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.uint8, torch.uint16, torch.uint32,
+                  torch.uint64):
         assert torch.equal(m(x, torch.tensor([5, 2, 0], dtype=dtype)), ref), dtype
-    with pytest.raises(TypeError, match="lengths must be int64, got torch.float32"):
+    assert torch.equal(m(x, [5, 2, 0]), ref)
+    with pytest.raises(TypeError, match="lengths must hold integers, got torch.float32"):
         m(x, torch.tensor([5.0, 2.0, 0.0]))
 
 

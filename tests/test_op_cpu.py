@@ -179,6 +179,25 @@ def test_padded_inputs_do_not_leak(T, short, garbage):
         assert torch.equal(g, g2), name
 
 
+@pytest.mark.parametrize("garbage", [1e6, float("nan"), float("inf")])
+def test_reference_padded_inputs_do_not_leak(garbage):
+    """python_ref keeps the same promise: its masks select, they do not multiply."""
+    T, lengths = 9, [4, 9]
+    q, k, v, a_k, a_v, lens = make_inputs(2, 2, T, 4, lengths=lengths)
+    dout = torch.randn(2, 2, T, 4, dtype=q.dtype)
+    out = python_ref.pka_attention(q, k, v, a_k, a_v, lens)
+    grads = torch.autograd.grad(out, (q, k, v, a_k, a_v), dout)
+    dirty = [t.detach().clone() for t in (q, k, v, dout)]
+    for t in dirty:
+        t[0, :, : T - lengths[0]] = garbage
+    q2, k2, v2 = (t.requires_grad_() for t in dirty[:3])
+    out2 = python_ref.pka_attention(q2, k2, v2, a_k, a_v, lens)
+    grads2 = torch.autograd.grad(out2, (q2, k2, v2, a_k, a_v), dirty[3])
+    assert torch.equal(out, out2)
+    for name, g, g2 in zip(("q", "k", "v", "a_k", "a_v"), grads, grads2):
+        assert torch.equal(g, g2), name
+
+
 @pytest.mark.parametrize(
     "T,lengths",
     [
@@ -217,6 +236,7 @@ def test_empty_batch_or_sequence(B, T):
     q, k, v, a_k, a_v, lens = make_inputs(B, 2, T, 4, lengths=[T] * B)
     out = pka_ext.pka_attention(q, k, v, a_k, a_v, lens)
     assert out.shape == (B, 2, T, 4)
+    assert python_ref.pka_attention(q, k, v, a_k, a_v, lens).shape == (B, 2, T, 4)
     grads = torch.autograd.grad(out.sum(), (q, k, v, a_k, a_v))
     for g, t in zip(grads, (q, k, v, a_k, a_v)):
         assert g.shape == t.shape and not g.any()
@@ -299,6 +319,23 @@ def test_create_graph_gives_first_order_grads_and_refuses_double_backward(T):
         assert torch.equal(g, h) and h.requires_grad
     with pytest.raises(RuntimeError, match="double backward.*python_ref"):
         graph[0].sum().backward()
+
+
+def test_forward_mode_ad_is_refused_not_silently_zero():
+    # torch runs a custom op without a forward-AD formula as a constant there: zero tangents.
+    q, k, v, a_k, a_v, lens = (t.detach() for t in make_inputs(1, 1, 5, 2, lengths=[5]))
+
+    def f(x):
+        return pka_ext.pka_attention(x, k, v, a_k, a_v, lens)
+
+    for transform in (lambda: torch.func.jvp(f, (q,), (torch.ones_like(q),)),
+                      lambda: torch.func.jacfwd(f)(q)):
+        with pytest.raises(RuntimeError, match="forward-mode AD .* not implemented by the compiled "
+                                               "op; python_ref.pka_attention"):
+            transform()
+    tangent = torch.func.jvp(lambda x: python_ref.pka_attention(x, k, v, a_k, a_v, lens), (q,),
+                             (torch.ones_like(q),))[1]
+    assert tangent.abs().max() > 0  # the reference, which the message points to, does it
 
 
 def test_torch_compile_fullgraph():

@@ -168,6 +168,8 @@ def test_recbole_field_order_and_no_timestamp(tmp_path):
     ("user_id:token\titem_id\ttimestamp:float\n", ["'item_id'", "name:type"]),
     ("user_id:token item_id:token\n", ["name:type"]),
     ("user_id:token\titem_id:token\titem_id:token\n", ["repeats"]),
+    ("user_id:token\titem_id:token_seq\ttimestamp:float\n", ["item_id is of type 'token_seq'"]),
+    ("user_id:float\titem_id:token\ttimestamp:float\n", ["user_id is of type 'float'"]),
 ])
 def test_recbole_bad_header_names_line_1(tmp_path, header, words):
     path = write(tmp_path, "d.inter", header + "1\t2\t3\n")
@@ -238,6 +240,16 @@ def test_from_events_rejects_bad_columns(users, items, times, match):
         Interactions.from_events(users, items, times)
 
 
+@pytest.mark.parametrize("users, items, match", [
+    (np.array([[1], [2]]), np.array([[5], [6]]),
+     r"users must be one-dimensional, got shape \(2, 1\)"),
+    ({"u1": 1}, ["i1"], "users must be a column of values .*not a dict"),
+])
+def test_from_events_rejects_non_columns(users, items, match):
+    with pytest.raises(DataError, match=match):
+        Interactions.from_events(users, items)
+
+
 # --- CSV ----------------------------------------------------------------------------------------
 
 def test_csv_comma_with_time(tmp_path):
@@ -280,7 +292,9 @@ def test_csv_missing_time_column_hints_time_col_none(tmp_path):
 @pytest.mark.parametrize("body, line, words", [
     ("1,2,3\n1,2\n", 3, ["expected 3 fields, got 2"]),
     ("1,2,3\n1,2,3\n\n", 4, ["blank"]),
-    ('1,"long\nitem",3\n1,2,soon\n', 4, ["'soon'"]),  # the quoted field spans lines 2-3
+    # An id spanning lines: most likely an open quote that swallowed the lines after it.
+    ('1,"long\nitem",3\n1,2,4\n', 2, ["an id or time spans lines 2-3", "unclosed quote"]),
+    ('1,2,3\n1,"a\n1,b,4\n1,c,5\n', 3, ["got 2 in a row spanning lines 3-5", "unclosed quote"]),
 ])
 def test_csv_bad_rows(tmp_path, body, line, words):
     path = write(tmp_path, "d.csv", "user_id,item_id,timestamp\n" + body)
@@ -289,6 +303,43 @@ def test_csv_bad_rows(tmp_path, body, line, words):
     assert str(exc.value).startswith(f"{path}:{line}: ")
     for w in words:
         assert w in str(exc.value)
+
+
+def test_csv_free_text_may_span_lines_and_later_rows_keep_their_line_numbers(tmp_path):
+    path = write(tmp_path, "d.csv", 'user_id,item_id,timestamp,review\n1,2,3,"good\nvalue"\n'
+                                    '1,2,soon,x\n')
+    with pytest.raises(DataError, match=rf"{path}:4: timestamp 'soon'"):
+        read_csv(path)
+
+
+def test_csv_columns_must_be_unambiguous(tmp_path):
+    path = write(tmp_path, "d.csv", "user_id,item_id,timestamp,item_id\n1,A,3,B\n")
+    with pytest.raises(DataError, match=rf"{path}:1: header has column\(s\) \['item_id'\] more "
+                                        r"than once"):
+        read_csv(path)
+    with pytest.raises(DataError, match="one column named for two roles"):
+        read_csv(path, user_col="user_id", item_col="user_id", time_col=None)
+
+
+def test_csv_parser_errors_name_the_line(tmp_path):
+    # An open quote in a large file runs into the csv module's field-size limit.
+    rows = "".join(f"1,i{n},{n}\n" for n in range(20000))
+    path = write(tmp_path, "d.csv", 'user_id,item_id,timestamp\n1,"x,1\n' + rows)
+    with pytest.raises(DataError, match=rf"{path}:2: field larger than field limit .*unclosed "
+                                        r"quote"):
+        read_csv(path, skip_bad=True)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"1 2 3\n2 \xe9\n", r":2: not UTF-8 text \(byte 0xe9\)"),
+    (b"\x1f\x8b\x08\x00rest", "gzip-compressed, not text: decompress it first"),
+])
+@pytest.mark.parametrize("fmt", ["s3rec", "sasrec", "recbole", "csv"])
+def test_files_that_are_not_utf8_are_data_errors(tmp_path, fmt, content, match):
+    path = tmp_path / "d.txt"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{path}{match}" if match.startswith(":") else match):
+        load(path, fmt)
 
 
 def test_csv_skip_bad(tmp_path):

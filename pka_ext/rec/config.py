@@ -177,6 +177,9 @@ class DataConfig:
             if len(self.columns) not in (2, 3) or not all(c.strip() for c in self.columns):
                 raise ValueError(f"columns must name user, item and optionally time (2 or 3 "
                                  f"non-empty names), got {self.columns}")
+            if len(set(self.columns)) != len(self.columns):
+                raise ValueError(f"columns must be distinct (one column per role), got "
+                                 f"{self.columns}")
         if self.sep is not None and len(self.sep) != 1:
             raise ValueError(f"sep must be one character, got {self.sep!r}")
 

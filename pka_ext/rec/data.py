@@ -29,8 +29,10 @@ from __future__ import annotations
 
 import csv
 import errno
+import functools
 import numbers
 import re
+import sys
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -161,10 +163,13 @@ class ItemVocab:
 
 
 def _column(name: str, values: Iterable) -> list:
-    if isinstance(values, (str, bytes)):
-        # Iterating a string would make each character an event.
+    if isinstance(values, (str, bytes, dict)):
+        # Iterating a string would make each character an event, a dict its keys.
+        kind = "dict" if isinstance(values, dict) else "string"
         raise DataError(f"{name} must be a column of values (a list, array or Series), not a "
-                        f"string")
+                        f"{kind}")
+    if getattr(values, "ndim", 1) != 1:
+        raise DataError(f"{name} must be one-dimensional, got shape {tuple(values.shape)}")
     return list(values)
 
 
@@ -331,9 +336,12 @@ class _BadLines:
 
     def warn(self) -> None:
         if self.count:
-            # stacklevel 4: _BadLines.warn <- _Builder.build <- read_* <- the reader's caller.
+            # Attributed to the first caller outside this module (read_*, load, the decorator).
+            level, frame = 1, sys._getframe()
+            while frame is not None and frame.f_globals.get("__name__") == __name__:
+                frame, level = frame.f_back, level + 1
             warnings.warn(f"{self.path}: skipped {self.count} bad line(s); first: {self.first}",
-                          DataWarning, stacklevel=4)
+                          DataWarning, stacklevel=level)
 
 
 class _Builder:
@@ -376,6 +384,31 @@ class _Builder:
         return Interactions(seqs, times, self.vocab.ids, list(self.user_index))
 
 
+def _reader(read):
+    """Reports text that is not UTF-8 as a DataError naming the file and line, for any reader."""
+    @functools.wraps(read)
+    def wrapped(path, *args, **kw):
+        try:
+            return read(path, *args, **kw)
+        except UnicodeDecodeError:
+            raise DataError(_not_utf8(Path(path))) from None
+    return wrapped
+
+
+def _not_utf8(path: Path) -> str:
+    with path.open("rb") as f:
+        if f.read(2) == b"\x1f\x8b":
+            return f"{path}: gzip-compressed, not text: decompress it first"
+        f.seek(0)
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return (f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x}); convert the "
+                        f"file to UTF-8")
+    return f"{path}: not UTF-8 text; convert the file to UTF-8"
+
+
 def _open(path: str | Path, newline: str | None = None):
     path = Path(path)
     if path.is_dir():
@@ -394,6 +427,7 @@ def _parse_time(token: str) -> float | None:
     return t if np.isfinite(t) else None
 
 
+@_reader
 def read_s3rec(path: str | Path, *, skip_bad: bool = False) -> Interactions:
     """Read an S3-Rec file: one ``user item_1 ... item_n`` line per user, chronological.
 
@@ -445,6 +479,7 @@ def read_s3rec(path: str | Path, *, skip_bad: bool = False) -> Interactions:
     return out.build(bad)
 
 
+@_reader
 def read_sasrec_pairs(path: str | Path, *, skip_bad: bool = False) -> Interactions:
     """Read a SASRec file: one ``user item`` integer pair per line, chronological per user.
 
@@ -484,6 +519,7 @@ def read_sasrec_pairs(path: str | Path, *, skip_bad: bool = False) -> Interactio
     return out.build(bad)
 
 
+@_reader
 def read_recbole_inter(path: str | Path, *, skip_bad: bool = False) -> Interactions:
     """Read a RecBole atomic ``.inter`` file.
 
@@ -519,18 +555,24 @@ def read_recbole_inter(path: str | Path, *, skip_bad: bool = False) -> Interacti
         header = f.readline().rstrip("\r\n")
         if not header.strip():
             raise DataError(f"{path}: empty: no header")
-        names = []
+        names, types = [], []
         for spec in header.split("\t"):
             name, colon, typ = spec.strip().partition(":")
             if not colon or not name or not typ or any(c.isspace() for c in spec.strip()):
                 raise DataError(f"{path}:1: header field {spec!r} is not of the form name:type "
                                 f"(fields are tab-separated; header: {header!r})")
             names.append(name)
+            types.append(typ)
         for required in ("user_id", "item_id"):
             if required not in names:
                 raise DataError(f"{path}:1: header has no {required} field (fields: {names})")
         if len(set(names)) != len(names):
             raise DataError(f"{path}:1: header repeats a field name (fields: {names})")
+        for required in ("user_id", "item_id"):
+            typ = types[names.index(required)]
+            if typ != "token":
+                raise DataError(f"{path}:1: {required} is of type {typ!r}; one id per row (type "
+                                f"'token') is read")
         ui, ii = names.index("user_id"), names.index("item_id")
         ti = names.index("timestamp") if "timestamp" in names else None
         out = _Builder(path, timed=ti is not None)
@@ -553,6 +595,7 @@ def read_recbole_inter(path: str | Path, *, skip_bad: bool = False) -> Interacti
     return out.build(bad)
 
 
+@_reader
 def read_csv(path: str | Path, user_col: str = "user_id", item_col: str = "item_id",
              time_col: str | None = "timestamp", sep: str | None = None, *,
              skip_bad: bool = False) -> Interactions:
@@ -598,6 +641,13 @@ def read_csv(path: str | Path, user_col: str = "user_id", item_col: str = "item_
             raise DataError(f"{path}: empty: no header")
         header = [h.strip() for h in header]
         wanted = [c for c in (user_col, item_col, time_col) if c is not None]
+        if len(set(wanted)) != len(wanted):
+            raise DataError(f"{path}: one column named for two roles (user {user_col!r}, item "
+                            f"{item_col!r}, time {time_col!r})")
+        repeated = [c for c in wanted if header.count(c) > 1]
+        if repeated:
+            raise DataError(f"{path}:1: header has column(s) {repeated} more than once, so which "
+                            f"to read is ambiguous; header: {header}")
         missing = [c for c in wanted if c not in header]
         if missing:
             hint = (" (for a file without times: time_col=None, or two names in pka-rec's "
@@ -608,14 +658,27 @@ def read_csv(path: str | Path, user_col: str = "user_id", item_col: str = "item_
         ti = None if time_col is None else header.index(time_col)
         out = _Builder(path, timed=ti is not None)
         lineno = reader.line_num
-        for row in reader:
+        while True:
+            try:
+                row = next(reader)
+            except StopIteration:
+                break
+            except csv.Error as e:  # the parser cannot go on: not skippable
+                raise DataError(f"{path}:{lineno + 1}: {e} (an unclosed quote?)") from None
             # A quoted field may span lines; a row is reported at the line where it starts.
             lineno, start = reader.line_num, lineno + 1
             if not row:
                 bad(start, "blank line")
                 continue
             if len(row) != len(header):
-                bad(start, f"expected {len(header)} fields, got {len(row)}")
+                span = (f" in a row spanning lines {start}-{lineno} (an unclosed quote?)"
+                        if lineno > start else "")
+                bad(start, f"expected {len(header)} fields, got {len(row)}{span}")
+                continue
+            if any("\n" in row[c] or "\r" in row[c] for c in (ui, ii, ti) if c is not None):
+                # Legal CSV in a free-text column, never in an id or a time: most likely a quote
+                # left open, which swallowed the lines after it into this field.
+                bad(start, f"an id or time spans lines {start}-{lineno} (an unclosed quote?)")
                 continue
             user, item = row[ui].strip(), row[ii].strip()
             if not user or not item:

@@ -1,6 +1,6 @@
 """A small forward + backward of every fused-kernel variant, for compute-sanitizer.
 
-    compute-sanitizer --tool memcheck  python benchmarks/sanitize_case.py
+    compute-sanitizer --tool memcheck  python benchmarks/sanitize_case.py [--short | --long]
     compute-sanitizer --tool racecheck python benchmarks/sanitize_case.py --small
 
 Covers float32 / bfloat16 / float16, head dims 16 and 64 (128 without --small), shared and
@@ -8,7 +8,8 @@ per-head kernels, dropout, empty and full sequences, and the placements of the b
 long sequences get (all or the least used of them in the global workspace: forced with
 PKA_FUSED_WORKSPACE=1 / split on short sequences; without --small also long sequences whose
 buffers do not all fit in shared memory), and both places of the 16-bit scores (mma.sync
-registers, the default; shared memory with PKA_SMEM_SCORES=1).
+registers, the default; shared memory with PKA_SMEM_SCORES=1). --short leaves out the long
+sequences and --long runs only them, so that a check can sanitize them in two steps.
 """
 
 from __future__ import annotations
@@ -37,8 +38,16 @@ def case(B, H, T, d, dtype, per_head, lengths, dropout_p):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--small", action="store_true", help="fewer, smaller cases (racecheck is slow)")
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--small", action="store_true",
+                       help="fewer, smaller cases (racecheck is slow)")
+    which.add_argument("--short", action="store_true", help="every case but the long sequences")
+    which.add_argument("--long", action="store_true", help="only the long sequences")
     args = ap.parse_args()
+    if args.long:
+        long_cases()
+        print("sanitize cases ran")
+        return
     dtypes = (torch.float32, torch.bfloat16, torch.float16)
     dims = (16, 64) if args.small else (16, 64, 128)
     for dtype in dtypes:
@@ -57,11 +66,15 @@ def main():
     case(3, 2, 37, 64, torch.bfloat16, False, [37, 0, 20], 0.2)
     case(2, 2, 40, 16, torch.float16, True, [40, 17], 0.0)
     del os.environ["PKA_SMEM_SCORES"]
-    if not args.small:
-        case(1, 1, 400, 64, torch.bfloat16, False, [390], 0.1)
-        case(1, 1, 900, 64, torch.bfloat16, False, [850], 0.1)
-        case(1, 1, 900, 128, torch.float32, True, [900], 0.0)
+    if not (args.small or args.short):
+        long_cases()
     print("sanitize cases ran")
+
+
+def long_cases():
+    case(1, 1, 400, 64, torch.bfloat16, False, [390], 0.1)
+    case(1, 1, 900, 64, torch.bfloat16, False, [850], 0.1)
+    case(1, 1, 900, 128, torch.float32, True, [900], 0.0)
 
 
 if __name__ == "__main__":

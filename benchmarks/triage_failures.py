@@ -17,9 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 import xml.etree.ElementTree as ET
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -39,23 +41,27 @@ VARIANTS = {
 }
 
 
-def node_id(classname: str, name: str, root: str) -> str:
+def node_id(classname: str, name: str, root: str) -> str | None:
     """The pytest node id of a junit test case: the longest prefix of `classname` that is a file
-    under `root` is the module, the rest are classes."""
-    parts = classname.split(".")
+    under `root` is the module, the rest are classes. None for a case that is no test (a module
+    that failed to collect, as after a failed build)."""
+    parts = classname.split(".") if classname else []
     for i in range(len(parts), 0, -1):
         path = "/".join(parts[:i]) + ".py"
         if os.path.isfile(os.path.join(root, path)):
             return "::".join([path, *parts[i:], name])
-    raise ValueError(f"junit test case {classname}.{name}: no module file under {root}")
+    return None
 
 
 def outcomes(junit: str, root: str) -> dict[str, str]:
     """Node id -> "failed" (failure or error), "skipped" or "passed" for every case of the report,
-    in report order (a case with a failed teardown appears twice; the failure wins)."""
+    in report order (a case with a failed teardown appears twice; the failure wins). Cases that
+    are no test (collection errors) are left out: there is nothing to rerun."""
     seen: dict[str, str] = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         nid = node_id(case.get("classname", ""), case.get("name", ""), root)
+        if nid is None:
+            continue
         if case.find("failure") is not None or case.find("error") is not None:
             seen[nid] = "failed"
         elif seen.get(nid) != "failed":
@@ -75,23 +81,39 @@ def spread(items: list[str], n: int) -> list[str]:
     return [items[i * len(items) // n] for i in range(n)]
 
 
-def run_variants(tests: list[str], root: str, python: str, timeout: float) -> dict[str, dict]:
-    """Runs `tests` under every variant at once; per variant the names that passed, the exit code,
-    and the last lines of its output."""
+def run_variants(tests: list[str], root: str, python: str, deadline: float) -> dict[str, dict]:
+    """Runs `tests` under every variant at once, all within `deadline` seconds; per variant the
+    names that passed, the exit code ("timeout" if cut), and the last lines of its output.
+
+    At the deadline every variant still running gets SIGINT, on which pytest writes its report of
+    the tests that finished, and is killed 10 s later if it has not ended.
+    """
     results = {}
+    end = time.monotonic() + deadline
     with tempfile.TemporaryDirectory() as tmp:
         procs = {}
         for i, (variant, extra) in enumerate(VARIANTS.items()):
             report = os.path.join(tmp, f"{i}.xml")
             log = open(os.path.join(tmp, f"{i}.log"), "w")
             cmd = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--junitxml", report, *tests]
-            procs[variant] = (subprocess.Popen(cmd, cwd=root, env={**os.environ, **extra},
-                                               stdout=log, stderr=subprocess.STDOUT), report, log)
+            # Ten variants share the machine: one CPU thread each.
+            env = {**os.environ, "OMP_NUM_THREADS": "1", **extra}
+            procs[variant] = (subprocess.Popen(cmd, cwd=root, env=env, stdout=log,
+                                               stderr=subprocess.STDOUT), report, log)
+        cut = set()
+        for variant, (proc, _, _) in procs.items():
+            try:
+                proc.wait(timeout=max(end - time.monotonic(), 0))
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGINT)
+                cut.add(variant)
         for variant, (proc, report, log) in procs.items():
             try:
-                rc = proc.wait(timeout=timeout)
+                rc = proc.wait(timeout=10) if variant in cut else proc.returncode
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
+            if variant in cut:
                 rc = "timeout"
             log.close()
             tail = open(log.name).read().splitlines()[-3:]
@@ -108,6 +130,7 @@ def table(tests: list[str], results: dict[str, dict]) -> str:
         lines.append(f"| {nid.split('::', 1)[1]} | " + " | ".join(cells) + " |")
     lines.append("| passed | " + " | ".join(f"{len(set(tests) & set(r['passed']))}/{len(tests)}"
                                           for r in results.values()) + " |")
+    lines.append("| exit code | " + " | ".join(str(r["rc"]) for r in results.values()) + " |")
     return "\n".join(lines)
 
 
@@ -116,7 +139,8 @@ def main(argv=None) -> int:
     parser.add_argument("junit", help="junit XML report of the tests step")
     parser.add_argument("--out", default=".", help="folder for triage.md and triage.json")
     parser.add_argument("--max-tests", type=int, default=24, help="rerun at most this many failures")
-    parser.add_argument("--timeout", type=float, default=75.0, help="seconds per variant")
+    parser.add_argument("--deadline", type=float, default=75.0,
+                        help="seconds for all variants together (they run at once)")
     parser.add_argument("--root", default=REPO, help="folder the test paths are relative to")
     args = parser.parse_args(argv)
     if not os.path.exists(args.junit):
@@ -127,7 +151,7 @@ def main(argv=None) -> int:
         print("no failed tests: nothing to triage")
         return 0
     tests = spread(failed, args.max_tests)
-    results = run_variants(tests, args.root, sys.executable, args.timeout)
+    results = run_variants(tests, args.root, sys.executable, args.deadline)
     md = (f"# Triage of {len(failed)} failed CUDA tests ({len(tests)} rerun)\n\n"
           "Variants: " + "; ".join(f"{k}: " + (" ".join(f"{n}={x}" for n, x in v.items()) or "as the tests step")
                                    for k, v in VARIANTS.items())

@@ -3,16 +3,19 @@
 
 from __future__ import annotations
 
-import os
 import json
+import os
 import subprocess
 import sys
 import tarfile
+import time
+
+import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
-STEPS = ("build", "tests", "triage", "error_stack", "memcheck", "racecheck", "bench_op", "bench_train",
-         "bench_train_amp", "ncu", "sass")
+STEPS = ("build", "tests", "memcheck", "racecheck", "bench_op", "bench_train", "bench_train_amp",
+         "ncu", "sass", "memcheck_long", "triage", "error_stack")
 
 
 def run_check(tmp_path, python, budget):
@@ -38,13 +41,22 @@ def test_budget_skips_the_remaining_steps(tmp_path):
     slow = tmp_path / "slow_python"
     slow.write_text("#!/bin/sh\nsleep 5\n")
     slow.chmod(0o755)
-    # The machine lines (two python calls), the xdist probe and the build take 5 s each: 20 s of a
-    # 39 s budget leave 19 s, enough for the tests step (5 s, runs while at least 15 s are left);
-    # after it 14 s are left, so the rest is skipped. Up to 4 s of overhead keep the same outcome.
-    _, summary, names = run_check(tmp_path, str(slow), 39)
+    # The machine lines (two python calls), the xdist and pytest-timeout probes and the build take
+    # 5 s each: 25 s of a 44 s budget leave 19 s, enough for the tests step (5 s, runs while at
+    # least 15 s are left); after it 14 s are left, so the rest is skipped. Up to 4 s of overhead
+    # keep the same outcome.
+    _, summary, names = run_check(tmp_path, str(slow), 44)
     assert summary[0].startswith("build rc=0") and summary[1].startswith("tests rc=0")
-    assert all(line.endswith("skipped (budget of 39s spent)") for line in summary[2:-1])
+    assert all(line.endswith("skipped (budget of 44s spent)") for line in summary[2:-1])
     assert "tests.log" in names and "memcheck.log" not in names
+
+
+def test_a_failed_build_ends_the_check_with_its_results_packed(tmp_path):
+    files, summary, names = run_check(tmp_path, "false", 100)
+    assert files == ["gpu_check.tar.gz", "summary.txt"]
+    assert summary[0].startswith("build rc=1 ")
+    assert summary[1].startswith("total ") and summary[1].endswith("(build failed: no further steps)")
+    assert len(summary) == 2 and {"machine.txt", "build.log"} <= names
 
 
 def test_sass_mix_counts_opcodes(tmp_path):
@@ -100,6 +112,35 @@ def test_triage_finds_the_switch_a_failure_depends_on(tmp_path):
     assert "| TestPath::test_needs_unfused | FAIL | pass |" in (out / "triage.md").read_text()
 
 
+def test_triage_cuts_hung_variants_at_one_shared_deadline(tmp_path):
+    (tmp_path / "test_hangs.py").write_text("import time\n"
+                                            "def test_hangs():\n"
+                                            "    time.sleep(120)\n")
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="test_hangs" name="test_hangs">'
+                     '<failure message="timeout"/></testcase></testsuite></testsuites>')
+    out = tmp_path / "triage"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    t0 = time.monotonic()
+    subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
+                    "--out", str(out), "--root", str(tmp_path), "--deadline", "5"], env=env,
+                   check=True, capture_output=True, timeout=120)
+    assert time.monotonic() - t0 < 60  # not one wait per variant
+    report = json.loads((out / "triage.json").read_text())
+    assert {r["rc"] for r in report["results"].values()} == {"timeout"}
+    assert "| exit code | timeout | timeout |" in (out / "triage.md").read_text()
+
+
+def test_triage_skips_collection_errors(tmp_path):
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="" name="tests.test_cuda">'
+                     '<error message="collection failure"/></testcase></testsuite></testsuites>')
+    run = subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"),
+                          str(junit), "--out", str(tmp_path / "o")], capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 0 and "nothing to triage" in run.stdout
+
+
 def test_triage_without_failures_is_quiet(tmp_path):
     junit = tmp_path / "junit.xml"
     junit.write_text('<testsuites><testsuite><testcase classname="tests.test_gpu_check_script" name="t"/></testsuite></testsuites>')
@@ -107,3 +148,39 @@ def test_triage_without_failures_is_quiet(tmp_path):
                           "--out", str(tmp_path / "o")], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0 and "nothing to triage" in run.stdout
     assert not (tmp_path / "o").exists()
+
+
+def test_bench_gpu_keeps_the_main_table_when_a_variant_fails(tmp_path, monkeypatch):
+    """bench_gpu.py without a GPU: timings stubbed, the first variant timing fails as a sticky
+    CUDA error would; every shape's fused, unfused and composition times are already written."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import bench_gpu
+
+    calls = []
+
+    class StubTimer:
+        def __init__(self, repeats):
+            pass
+
+        def __call__(self, fn):
+            calls.append(fn)
+            if len(calls) > 6 * len(bench_gpu.SHAPES):  # fwd and fwd+bwd of the 3 main ones
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+            return 1.0
+
+    real_make_inputs = bench_gpu.make_inputs
+    monkeypatch.setattr(bench_gpu, "Timer", StubTimer)
+    monkeypatch.setattr(bench_gpu, "copy_bandwidth", lambda timer: 4e12)
+    monkeypatch.setattr(bench_gpu, "make_inputs",
+                        lambda B, H, T, d, **kw: real_make_inputs(1, 1, 2, 2, dtype=kw["dtype"]))
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu, "machine_info", lambda: {"gpu": "stub", "torch": "stub",
+                                                            "python": "stub", "date": "stub"})
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path)])
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        bench_gpu.main()
+    rows = json.loads((tmp_path / "gpu_op_bfloat16.json").read_text())["rows"]
+    assert [(r["T"], r["d"]) for r in rows] == [(s["T"], s["d"]) for s in bench_gpu.SHAPES]
+    assert all(r["fwdbwd_ms_composition"] == 1.0 and "fwd_ms_fwd4" not in r for r in rows)
+    md = (tmp_path / "gpu_op_bfloat16.md").read_text()
+    assert f"Partial: {len(rows)} of {len(rows)} shapes in the main table, 0 with their variants." in md

@@ -1,6 +1,7 @@
-// Host-side helpers shared by the fused kernels' launchers (pka_fused.cu: forward and the
-// capability check; pka_fused_bwd.cu: backward). Split in two files so the two sets of kernel
-// instantiations compile in parallel.
+// Host-side helpers of the fused kernels' entry points (pka_fused.cu: the capability check, the
+// forward and the backward) and of their launches, fwd_typed / bwd_typed (pka_fused_typed.cuh),
+// which instantiate the kernels once per dtype in pka_fused_{f32,f16,bf16}.cu, so that the three
+// sets of instantiations compile in parallel.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -209,6 +210,22 @@ Tensor workspace(Params<T>& p, const Plan& plan, int nbuf, size_t buf_elems, con
   p.work = reinterpret_cast<T*>(work.data_ptr());
   return work;
 }
+
+// The backward's tensors besides the inputs: what it reads (dout, out, lse) and writes (dq, dk,
+// dv; the fp32 kernel-gradient accumulators dak, dav).
+struct BwdTensors {
+  Tensor dout, out, lse, dq, dk, dv, dak, dav;
+};
+
+// Launch the forward / backward kernels of dtype T (float, __half, __nv_bfloat16) for head dim
+// d.D; false if no kernel has that head dim. Defined in pka_fused_typed.cuh and instantiated
+// once per dtype in pka_fused_{f32,f16,bf16}.cu.
+template <typename T>
+bool fwd_typed(const Inputs& in, const Dims& d, double scale, double dropout_p,
+               const std::optional<Tensor>& seed, Tensor& out, Tensor& lse);
+template <typename T>
+bool bwd_typed(const Inputs& in, const Dims& d, double scale, double dropout_p,
+               const std::optional<Tensor>& seed, const BwdTensors& t);
 
 // Launches the kernel's 8-warp (k8) or 4-warp (k4) instance, as the plan says, on the current
 // stream with `smem` bytes of dynamic shared memory.

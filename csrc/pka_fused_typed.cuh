@@ -55,3 +55,14 @@ bool bwd_typed(const Inputs& in, const Dims& d, double scale, double dropout_p,
 
 }  // namespace fused
 }  // namespace pka
+
+// Both launches for dtype T, instantiated: the whole of each per-dtype file.
+#define PKA_FUSED_INSTANTIATE(T)                                                                  \
+  namespace pka {                                                                                 \
+  namespace fused {                                                                               \
+  template bool fwd_typed<T>(const Inputs&, const Dims&, double, double,                          \
+                             const std::optional<Tensor>&, Tensor&, Tensor&);                     \
+  template bool bwd_typed<T>(const Inputs&, const Dims&, double, double,                          \
+                             const std::optional<Tensor>&, const BwdTensors&);                    \
+  }                                                                                               \
+  }

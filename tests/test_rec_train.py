@@ -581,8 +581,8 @@ def test_a_diverging_run_stops_with_an_error_naming_the_epoch(tmp_path):
             with torch.no_grad():
                 next(model.parameters()).fill_(math.nan)
 
-    with pytest.raises(TrainingDiverged, match="epoch 3: the training loss is not finite; "
-                                               "the last checkpoint holds epoch 2"):
+    with pytest.raises(TrainingDiverged, match=r"epoch 3: the training loss is not finite; "
+                                               r"the last epoch to finish was 2 \(the best: [12]\)"):
         fit(model, split, TrainConfig(epochs=5, patience=50), on_epoch_end=poison_after_epoch_2,
             progress=False, log=lambda *_: None)
     assert len(saved) == 2

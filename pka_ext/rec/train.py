@@ -212,8 +212,9 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
         if world > 1:
             dist.all_reduce(diverged, op=dist.ReduceOp.MAX)
         if diverged.item():
-            kept = (f"the last checkpoint holds epoch {state.epoch} and the best weights, of "
-                    f"epoch {state.best_epoch}" if state.epoch else "no epoch had finished")
+            kept = (f"the last epoch to finish was {state.epoch} (the best: {state.best_epoch}), "
+                    f"which is what pka-rec train's checkpoint holds" if state.epoch
+                    else "no epoch had finished")
             raise TrainingDiverged(
                 f"epoch {epoch}: the training loss is not finite; {kept}. Try a lower learning "
                 f"rate{' or training without --amp' if cfg.amp else ''}")

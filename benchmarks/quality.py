@@ -5,7 +5,8 @@ processes, ``--jobs`` at a time with one torch thread each. A runner holds a loc
 ``claimed`` file while it runs, so several runners can work on one study and a finished cell is never
 rerun. A cell whose runner died (a session's end, say) is continued from its last epoch's checkpoint
 by ``run --resume-stale`` (resuming is exact: weights, optimiser, batch order and dropout masks);
-delete the folder of a failed cell to run it from scratch.
+stopping a runner (SIGTERM, Ctrl-C) stops its cells' training too and leaves them to be continued
+the same way. Delete the folder of a failed cell to run it from scratch.
 
     python benchmarks/quality.py run --table small --jobs 2          # LastFM (LOO) + ml-100k (temporal)
     python benchmarks/quality.py run --table amazon --seeds 0        # Beauty, Toys_and_Games, Yelp (LOO)
@@ -41,8 +42,10 @@ import json
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -212,7 +215,16 @@ def run_cell(cell: dict, resume_stale: bool = False) -> None:
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         t0 = time.perf_counter()
         with open(os.path.join(cell["dir"], "train.log"), "a" if stale else "w") as log:
-            rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            with _children_lock:
+                if _stopping.is_set():
+                    return
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                _children.add(proc)
+            rc = proc.wait()
+            with _children_lock:
+                _children.discard(proc)
+        if _stopping.is_set():  # stopped by its runner: left stale, to be resumed
+            return
         status = ("ok" if rc == 0 else f"FAILED rc={rc}") + (" (resumed)" if "--resume" in cmd else "")
         print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
               flush=True)
@@ -221,11 +233,51 @@ def run_cell(cell: dict, resume_stale: bool = False) -> None:
         os.close(fd)  # releases the lock
 
 
+# The training processes of this runner's cells. A runner that is stopped (SIGTERM, Ctrl-C) stops
+# them too: an orphaned `pka-rec train` would go on without the cell's lock, and a second runner
+# with --resume-stale could then train the same cell from the same checkpoint beside it.
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+_stopping = threading.Event()
+
+
+def _stop_children() -> None:
+    with _children_lock:
+        _stopping.set()
+        procs = list(_children)
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _exit_on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def run_cells(todo: list[dict], jobs: int, resume_stale: bool) -> None:
+    """Runs cells ``jobs`` at a time; if the runner is stopped, its cells' processes stop with it
+    (their checkpoints keep the last finished epoch; ``--resume-stale`` continues them)."""
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        with ThreadPoolExecutor(jobs) as pool:
+            try:
+                list(pool.map(lambda c: run_cell(c, resume_stale), todo))
+            except BaseException:
+                pool.shutdown(wait=False, cancel_futures=True)
+                _stop_children()
+                raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def cmd_run(args) -> None:
     todo = cells(args)
     print(f"{len(todo)} cells, {args.jobs} at a time", flush=True)
-    with ThreadPoolExecutor(args.jobs) as pool:
-        list(pool.map(lambda c: run_cell(c, args.resume_stale), todo))
+    run_cells(todo, args.jobs, args.resume_stale)
 
 
 def cmd_adopt(args) -> None:

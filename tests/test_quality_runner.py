@@ -6,7 +6,10 @@ import argparse
 import fcntl
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -87,6 +90,49 @@ def test_finished_cell_without_record_is_adopted(tmp_path):
     assert calls(cell) == []
     with open(os.path.join(cell["dir"], "cell.json")) as f:
         assert json.load(f)["wall_seconds"] is None
+
+
+# A runner with two cells whose training (a stand-in) writes its pid and sleeps.
+STOPPED_RUNNER = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+import quality
+sleeper = "import os, sys, time; open(sys.argv[1], 'w').write(str(os.getpid())); time.sleep(600)"
+cells = [dict(table="main", dataset="d", model="psa", variant=None, seed=s,
+              dir=os.path.join(sys.argv[2], f"seed{s}"),
+              cmd=[sys.executable, "-c", sleeper, os.path.join(sys.argv[2], f"pid{s}")])
+         for s in (0, 1)]
+quality.run_cells(cells, jobs=2, resume_stale=False)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
+    bench = os.path.dirname(os.path.abspath(quality.__file__))
+    runner = subprocess.Popen([sys.executable, "-c", STOPPED_RUNNER, bench, str(tmp_path)])
+    pid_files = [tmp_path / f"pid{s}" for s in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert runner.poll() is None and time.monotonic() < deadline, "the cells did not start"
+        time.sleep(0.05)
+    children = [int(p.read_text()) for p in pid_files]
+    runner.send_signal(sig)
+    try:
+        assert runner.wait(timeout=60) != 0
+        for pid in children:
+            with pytest.raises(ProcessLookupError):  # reaped by the runner: gone
+                os.kill(pid, 0)
+    finally:  # a failure must not leave the stand-ins sleeping
+        runner.kill()
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    for s in (0, 1):
+        cell_dir = tmp_path / f"seed{s}"
+        assert not (cell_dir / "cell.json").exists()  # not recorded as finished
+        assert (cell_dir / "claimed").read_text().strip()  # stale: --resume-stale continues it
 
 
 def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):

@@ -149,11 +149,13 @@ def cells(args) -> list[dict]:
         return out
     if args.table == "tune":
         models = [m for m in MODELS if m in (args.models or MODELS)]
-        lrs = [lr for lr in TUNE_LRS
-               if not (args.lr is not None and math.isclose(lr, args.lr))  # the main table ran it
-               and (not args.grid_lr or any(math.isclose(lr, g) for g in args.grid_lr))]
         for dataset, model, lr, seed in itertools.product(args.datasets or [ABLATION_DATASET], models,
-                                                          lrs, args.seeds):
+                                                          TUNE_LRS, args.seeds):
+            main_lr = args.lr if args.lr is not None else PAPER[model]["lr"]
+            if math.isclose(lr, main_lr):  # the main table's cells hold it
+                continue
+            if args.grid_lr and not any(math.isclose(lr, g) for g in args.grid_lr):
+                continue
             folder = dataset + setting_suffix(dataset, cell_max_len(dataset, args), args.loss, args.block)
             d = os.path.join(args.out, "tune", folder, model, f"lr{lr:g}", f"seed{seed}")
             out.append(dict(table="tune", dataset=dataset, model=model, variant=f"lr {lr:g}", seed=seed,
@@ -175,18 +177,69 @@ def cells(args) -> list[dict]:
 def write_cell_json(cell: dict, wall_seconds: float | None, rc: int) -> None:
     with open(os.path.join(cell["dir"], "cell.json"), "w") as f:
         json.dump({k: cell[k] for k in ("table", "dataset", "model", "variant", "seed")}
-                  | {"command": "pka-rec " + shlex.join(cell["cmd"][3:]).replace(DATA, "../shared/data"),
-                     "wall_seconds": wall_seconds, "rc": rc}, f, indent=2)
+                  | {"command": recorded_command(cell["cmd"]), "wall_seconds": wall_seconds, "rc": rc,
+                     "machine": machine_info() | {"torch_threads": 1}}, f, indent=2)
 
 
-def run_cell(cell: dict, resume_stale: bool = False) -> None:
-    """Runs one cell unless another runner holds it or it is finished.
+def recorded_command(cmd: list[str]) -> str:
+    """The cell's command as the report lists it: `pka-rec ...`, the data file under ../shared/data
+    (the layout of this repository's checkout) wherever PKA_DATA pointed."""
+    args = list(cmd[3:])
+    if "--data" in args:
+        i = args.index("--data") + 1
+        args[i] = os.path.join("..", "shared", "data", os.path.relpath(args[i], DATA))
+    return "pka-rec " + shlex.join(args)
+
+
+# The pka-rec flags of a cell's command and where its run's config (metrics.json) holds them.
+CONFIG_OF_FLAG = {"--model": ("model", "model"), "--seed": ("train", "seed"),
+                  "--max-len": ("model", "max_len"), "--hidden": ("model", "hidden"),
+                  "--blocks": ("model", "num_blocks"), "--batch-size": ("train", "batch_size"),
+                  "--lr": ("train", "lr"), "--epochs": ("train", "epochs"),
+                  "--patience": ("train", "patience"), "--loss": ("train", "loss"),
+                  "--block": ("model", "block")}
+FLAG_DEFAULTS = {"--loss": "ce", "--block": "pre_ln"}
+
+
+def config_mismatch(cell: dict, config: dict) -> list[str]:
+    """The settings in which a finished run (its metrics.json config) differs from the cell asked
+    for: a folder reused with another --lr or --epochs must not pass for the cell."""
+    flags = FLAG_DEFAULTS | dict(zip(cell["cmd"], cell["cmd"][1:]))
+    diffs = []
+    for flag, (section, key) in CONFIG_OF_FLAG.items():
+        if flag not in flags:
+            continue
+        want, have = flags[flag], config[section][key]
+        same = math.isclose(float(want), float(have)) if isinstance(have, (int, float)) else want == have
+        if not same:
+            diffs.append(f"{flag} {have} (asked: {want})")
+    return diffs
+
+
+def finished_elsewise(cell: dict) -> list[str]:
+    """config_mismatch of the cell's finished run; [] when it has none."""
+    path = os.path.join(cell["dir"], "metrics.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return config_mismatch(cell, json.load(f)["config"])
+
+
+def run_cell(cell: dict, resume_stale: bool = False) -> bool:
+    """Runs one cell unless another runner holds it or it is finished; False when its folder holds
+    a finished run with other settings (said, and left alone).
 
     The runner holds an flock on the cell's ``claimed`` file (with its pid in it) while the cell
-    runs; the lock goes when the process does. A claim that nobody holds and that has no
-    ``cell.json`` beside it is a cell whose runner died (or a machine that stopped): it is left
-    alone unless ``resume_stale``, which continues it from its last epoch's checkpoint.
+    runs, and so does the training process it starts: the lock goes when both have. A claim that
+    nobody holds and that has no ``cell.json`` beside it is a cell whose runner died (or a machine
+    that stopped): it is left alone unless ``resume_stale``, which continues it from its last
+    epoch's checkpoint.
     """
+    diffs = finished_elsewise(cell)
+    if diffs:
+        print(f"not run: {cell['dir']} holds a finished run with other settings: {'; '.join(diffs)}"
+              " (use another --out)", flush=True)
+        return False
     os.makedirs(cell["dir"], exist_ok=True)
     claim = os.path.join(cell["dir"], "claimed")
     existed = os.path.exists(claim)
@@ -195,17 +248,17 @@ def run_cell(cell: dict, resume_stale: bool = False) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:  # another runner is on it
         os.close(fd)
-        return
+        return True
     try:
         if os.path.exists(os.path.join(cell["dir"], "cell.json")):
-            return
+            return True
         if os.path.exists(os.path.join(cell["dir"], "metrics.json")):  # finished, runner stopped
             write_cell_json(cell, None, 0)
-            return
+            return True
         stale = existed or os.fstat(fd).st_size > 0
         if stale and not resume_stale:
             print(f"interrupted, not resumed (pass --resume-stale): {cell['dir']}", flush=True)
-            return
+            return True
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         cmd = list(cell["cmd"])
@@ -217,18 +270,22 @@ def run_cell(cell: dict, resume_stale: bool = False) -> None:
         with open(os.path.join(cell["dir"], "train.log"), "a" if stale else "w") as log:
             with _children_lock:
                 if _stopping.is_set():
-                    return
-                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                    return True
+                # The child shares the lock: a runner killed outright (SIGKILL) leaves a training
+                # that still holds its cell, so that no --resume-stale runner starts a second one.
+                proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                        pass_fds=(fd,))
                 _children.add(proc)
             rc = proc.wait()
             with _children_lock:
                 _children.discard(proc)
         if _stopping.is_set():  # stopped by its runner: left stale, to be resumed
-            return
+            return True
         status = ("ok" if rc == 0 else f"FAILED rc={rc}") + (" (resumed)" if "--resume" in cmd else "")
         print(f"[{time.strftime('%H:%M:%S')}] {status} {time.perf_counter() - t0:7.1f} s  {cell['dir']}",
               flush=True)
         write_cell_json(cell, time.perf_counter() - t0, rc)
+        return True
     finally:
         os.close(fd)  # releases the lock
 
@@ -258,14 +315,15 @@ def _exit_on_sigterm(signum, frame):
     raise SystemExit(128 + signum)
 
 
-def run_cells(todo: list[dict], jobs: int, resume_stale: bool) -> None:
+def run_cells(todo: list[dict], jobs: int, resume_stale: bool) -> int:
     """Runs cells ``jobs`` at a time; if the runner is stopped, its cells' processes stop with it
-    (their checkpoints keep the last finished epoch; ``--resume-stale`` continues them)."""
+    (their checkpoints keep the last finished epoch; ``--resume-stale`` continues them). Returns
+    how many cells were not run because their folders hold runs with other settings."""
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         with ThreadPoolExecutor(jobs) as pool:
             try:
-                list(pool.map(lambda c: run_cell(c, resume_stale), todo))
+                return sum(not ok for ok in pool.map(lambda c: run_cell(c, resume_stale), todo))
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)
                 _stop_children()
@@ -277,16 +335,26 @@ def run_cells(todo: list[dict], jobs: int, resume_stale: bool) -> None:
 def cmd_run(args) -> None:
     todo = cells(args)
     print(f"{len(todo)} cells, {args.jobs} at a time", flush=True)
-    run_cells(todo, args.jobs, args.resume_stale)
+    if run_cells(todo, args.jobs, args.resume_stale):
+        raise SystemExit("some cells were not run (above): their folders hold runs with other settings")
 
 
 def cmd_adopt(args) -> None:
-    """Records finished cells whose runner was stopped before it wrote cell.json."""
+    """Records finished cells whose runner was stopped before it wrote cell.json; a run whose
+    settings differ from the arguments is refused (its command would be recorded wrongly)."""
+    refused = 0
     for cell in cells(args):
         if os.path.exists(os.path.join(cell["dir"], "metrics.json")) and \
                 not os.path.exists(os.path.join(cell["dir"], "cell.json")):
+            diffs = finished_elsewise(cell)
+            if diffs:
+                print(f"not adopted: {cell['dir']} ran with other settings: {'; '.join(diffs)}")
+                refused += 1
+                continue
             write_cell_json(cell, None, 0)
             print(f"adopted {cell['dir']}")
+    if refused:
+        raise SystemExit("some cells were not adopted (above): pass the arguments they ran with")
 
 
 def _collect(root: str) -> list[dict]:
@@ -333,13 +401,14 @@ def _group(rows, key):
     return groups
 
 
-def _table(groups, label) -> list[str]:
-    lines = [f"| {label} | seeds | NDCG@10 | HR@10 | COV@10 | best epoch | epochs run |",
-             "|---|---|---|---|---|---|---|"]
-    for key, rs in groups.items():
+def _table(rows, label) -> list[str]:
+    """One row per value of ``label`` (model or variant) and learning rate."""
+    lines = [f"| {label} | lr | seeds | NDCG@10 | HR@10 | COV@10 | best epoch | epochs run |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (name, lr), rs in _group(rows, lambda r: (r[label], r["lr"])).items():
         capped = any(r["best_epoch"] == r["max_epochs"] for r in rs)
         lines.append(
-            f"| {' / '.join(str(k) for k in key)} | {len(rs)} | "
+            f"| {name} | {lr:g} | {len(rs)} | "
             f"{_mean_std([r['test']['ndcg@10'] for r in rs])} | {_mean_std([r['test']['hr@10'] for r in rs])} | "
             f"{_mean_std([r['test']['cov@10'] for r in rs])} | "
             f"{', '.join(str(r['best_epoch']) for r in rs)}{' (cap)' if capped else ''} | "
@@ -362,8 +431,10 @@ def _tune_section(main: list[dict], tune: list[dict]) -> list[str]:
                "|---|---|---|---|---|---|---|"]
         chosen = {}
         for model in MODELS:
-            by_lr = _group(sorted((r for r in main + tune if _setting(r) == setting and r["model"] == model),
-                                  key=lambda r: (r["lr"], r["seed"])), lambda r: r["lr"])
+            # A rate run in both tables (a tune run of the main table's rate) counts each seed once.
+            runs = {(r["lr"], r["seed"]): r for r in reversed(main + tune)
+                    if _setting(r) == setting and r["model"] == model}
+            by_lr = _group(sorted(runs.values(), key=lambda r: (r["lr"], r["seed"])), lambda r: r["lr"])
             val0 = {lr: next((r["val"]["ndcg@10"] for r in rs if r["seed"] == 0), None)
                     for lr, rs in by_lr.items()}
             ranked = [lr for lr in val0 if val0[lr] is not None]
@@ -408,16 +479,28 @@ def _plot_curves(dataset: str, max_len: int, loss: str, block: str, rows: list[d
     return path
 
 
-def _earlier_machines(env: dict) -> str:
-    """The machines of merged earlier reports, for the report's first line."""
-    seen = [f"{e['cpu']} ({e['cpu_count']} cores), torch {e['torch']}, report of {e['date']}"
-            for e in env.get("earlier_environments", [])]
-    return f"; cells from earlier reports ran on: {'; '.join(dict.fromkeys(seen))}" if seen else ""
+def _machines(envs, dated: str) -> str:
+    """Machines (CPU, cores, torch) with their dates, for the report's first line."""
+    dates: dict = {}
+    for e in envs:
+        dates.setdefault(f"{e['cpu']} ({e['cpu_count']} cores), torch {e['torch']}", set()).add(e["date"])
+    return "; ".join(f"{m} ({dated} {', '.join(sorted(ds))})" for m, ds in dates.items())
 
 
-def _cell_dir(row: dict) -> str:
-    """A cell's output folder, which names it uniquely (table, data set, model, seed, ...)."""
-    return row["command"].rsplit("--out ", 1)[1].split()[0]
+def _legacy_machines(earlier: dict) -> list[dict]:
+    """Where the cells recorded without their machine ran, from the report merged: those written
+    before cells stored it give their own machine and those of the reports they merged."""
+    e = earlier.get("environment", {})
+    if "legacy_cell_machines" in e:
+        return e["legacy_cell_machines"]
+    envs = ([e] if e else []) + e.get("earlier_environments", [])
+    flat = [{k: v for k, v in x.items() if k != "earlier_environments"} for x in envs]
+    return [json.loads(x) for x in dict.fromkeys(json.dumps(x, sort_keys=True) for x in flat)]
+
+
+def _cell_key(row: dict) -> tuple:
+    """What a cell ran, wherever its folder was: a cell run again replaces its earlier row."""
+    return (row["table"], row["variant"], *_setting(row), row["model"], row["lr"], row["seed"])
 
 
 def cmd_report(args) -> None:
@@ -427,19 +510,23 @@ def cmd_report(args) -> None:
         # for them, and a cell that ran again here replaces its old row.
         with open(args.merge) as f:
             earlier = json.load(f)
-        fresh = {_cell_dir(r) for r in rows}
+        fresh = {_cell_key(r) for r in rows}
         # Reports written before the block setting existed hold only pre-LN cells.
-        rows = [{"block": "pre_ln"} | r for r in earlier["cells"] if _cell_dir(r) not in fresh] + rows
+        rows = [r for r in ({"block": "pre_ln"} | r for r in earlier["cells"])
+                if _cell_key(r) not in fresh] + rows
     if not rows:
         raise SystemExit(f"no finished cells under {args.out}")
     os.makedirs(args.results, exist_ok=True)
-    env = machine_info() | {"torch_threads": 1}
-    if args.merge:
-        # Merged cells ran where the earlier report was written (or where its own earlier one was).
-        env["earlier_environments"] = ([earlier["environment"]] if "environment" in earlier else []) \
-            + earlier.get("environment", {}).get("earlier_environments", [])
-        for e in env["earlier_environments"]:
-            e.pop("earlier_environments", None)
+    env = machine_info() | {"torch_threads": 1}  # the machine writing the report
+    legacy = any("machine" not in r for r in rows)
+    env["legacy_cell_machines"] = (_legacy_machines(earlier) if args.merge else []) if legacy else []
+    ran_on = _machines((r["machine"] for r in rows if "machine" in r), "runs finished")
+    machines = "; ".join(
+        ([f"cells ran on {ran_on}"] if ran_on else [])
+        + ([f"cells recorded without their machine ran on {_machines(env['legacy_cell_machines'], 'reports of')}"]
+           if env["legacy_cell_machines"] else [])
+        + (["cells recorded without their machine ran where their folders are"]
+           if legacy and not env["legacy_cell_machines"] else []))
     main = sorted((r for r in rows if r["table"] == "main"),
                   key=lambda r: (list(DATASETS).index(r["dataset"]), r["max_len"], r["loss"],
                                  r["block"] != "pre_ln", MODELS.index(r["model"]), r["seed"]))
@@ -448,8 +535,7 @@ def cmd_report(args) -> None:
     tune = sorted((r for r in rows if r["table"] == "tune"),
                   key=lambda r: (*_setting(r), MODELS.index(r["model"]), r["lr"], r["seed"]))
     md = ["# Quality study: PSA vs positional baselines", "",
-          f"Machine: {env['cpu']} ({env['cpu_count']} cores); torch {env['torch']}; report written "
-          f"{env['date']}{_earlier_machines(env)}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
+          f"Machines: {machines}. Report written {env['date']}. CPU only, one torch thread per run. Test metrics (full ranking, items already in the context excluded), mean ± sample std "
           "over seeds. `best epoch` is the epoch chosen by early stopping on validation NDCG@10 "
           "(`(cap)`: a run stopped at the epoch cap, so it may be under-trained). Runs shared the 2 cores "
           "with each other and were paused while speed benchmarks ran, so their wall times (in "
@@ -461,10 +547,10 @@ def cmd_report(args) -> None:
     for (dataset, max_len, loss, block), rs in settings.items():
         md += [f"## {dataset} ({rs[0]['command'].split('--protocol ')[1].split()[0]}, "
                f"{setting_text(max_len, loss, block)})", ""]
-        md += _table(_group(rs, lambda r: (r["model"],)), "model") + [""]
+        md += _table(rs, "model") + [""]
     if abl:
         md += [f"## PSA ablations on {ABLATION_DATASET}", ""]
-        md += _table(_group(abl, lambda r: (r["variant"],)), "variant") + [""]
+        md += _table(abl, "variant") + [""]
     if tune:
         md += _tune_section(main, tune)
     for (dataset, max_len, loss, block), rs in settings.items():
@@ -497,7 +583,8 @@ def main() -> None:
         q.add_argument("--epochs", type=int, default=200, help="epoch cap (early stopping ends runs sooner)")
         q.add_argument("--patience", type=int, default=5)
         q.add_argument("--lr", type=float, default=None,
-                       help="override every model's learning rate (tune: the rate the main table used)")
+                       help="override every model's learning rate (tune: the rate the main table used, "
+                             "by default each model's paper rate)")
         q.add_argument("--models", nargs="+", choices=MODELS, default=None, help="a subset of the models")
         q.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=None,
                        help="a subset of the table's data sets")

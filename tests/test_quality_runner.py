@@ -26,16 +26,21 @@ def make_cell(tmp_path, name="c"):
                 cmd=[sys.executable, "-c", RECORDER, os.path.join(d, "calls.txt"), "--seed", "0"])
 
 
-def write_finished_cell(d, cell, test, *, block="pre_ln", lr=1e-3, epochs=60, history=None):
-    """cell.json and metrics.json of a finished cell in folder d, as the runner and pka-rec write
-    them (test metrics doubling as validation ones)."""
-    (d / "cell.json").write_text(json.dumps(cell))
+def write_metrics(d, test, *, block="pre_ln", lr=1e-3, epochs=60, history=None, seed=0):
+    """metrics.json of a finished run in folder d, as pka-rec writes it (test metrics doubling as
+    validation ones)."""
     metrics = {"test": test, "val": test, "best_epoch": 2, "epochs_run": 3, "train_seconds": 1.0,
-               "config": {"train": {"epochs": epochs, "lr": lr, "loss": "ce"},
+               "config": {"train": {"epochs": epochs, "lr": lr, "loss": "ce", "seed": seed},
                           "model": {"max_len": 50, "block": block}}}
     if history is not None:
         metrics["history"] = history
     (d / "metrics.json").write_text(json.dumps(metrics))
+
+
+def write_finished_cell(d, cell, test, **kwargs):
+    """cell.json and metrics.json of a finished cell in folder d, as the runner and pka-rec write them."""
+    (d / "cell.json").write_text(json.dumps(cell))
+    write_metrics(d, test, **kwargs)
 
 
 def calls(cell):
@@ -85,11 +90,59 @@ def test_finished_cell_without_record_is_adopted(tmp_path):
     cell = make_cell(tmp_path)
     os.makedirs(cell["dir"])
     open(os.path.join(cell["dir"], "claimed"), "w").close()
-    open(os.path.join(cell["dir"], "metrics.json"), "w").close()
-    quality.run_cell(cell, resume_stale=True)
+    write_metrics(tmp_path / "c", {})
+    assert quality.run_cell(cell, resume_stale=True)
     assert calls(cell) == []
     with open(os.path.join(cell["dir"], "cell.json")) as f:
         assert json.load(f)["wall_seconds"] is None
+
+
+def test_folder_holding_a_run_with_other_settings_is_neither_run_nor_recorded(tmp_path, capsys):
+    cell = make_cell(tmp_path)
+    cell["cmd"] += ["--lr", "0.001"]
+    os.makedirs(cell["dir"])
+    write_metrics(tmp_path / "c", {}, lr=3e-4)
+    assert not quality.run_cell(cell, resume_stale=True)
+    assert calls(cell) == [] and not os.path.exists(os.path.join(cell["dir"], "cell.json"))
+    assert "--lr 0.0003 (asked: 0.001)" in capsys.readouterr().out
+
+
+def test_adopt_refuses_a_run_with_other_settings(tmp_path):
+    args = argparse.Namespace(table="small", seeds=[0], models=["psa"], datasets=["ml-100k"],
+                              max_len=None, loss="ce", block="pre_ln", lr=1e-3, epochs=100,
+                              patience=10, out=str(tmp_path), variants=None, grid_lr=None)
+    (cell,) = quality.cells(args)
+    os.makedirs(cell["dir"])
+    config = {"model": {"model": "psa", "max_len": 50, "hidden": 128, "num_blocks": 2, "block": "pre_ln"},
+              "train": {"seed": 0, "batch_size": 128, "lr": 1e-3, "epochs": 60, "patience": 10,
+                        "loss": "ce"}}
+    with open(os.path.join(cell["dir"], "metrics.json"), "w") as f:
+        json.dump({"config": config}, f)
+    with pytest.raises(SystemExit, match="not adopted"):
+        quality.cmd_adopt(args)  # trained for 60 epochs, asked for 100
+    assert not os.path.exists(os.path.join(cell["dir"], "cell.json"))
+    args.epochs = 60
+    quality.cmd_adopt(args)
+    with open(os.path.join(cell["dir"], "cell.json")) as f:
+        assert "--epochs 60 " in json.load(f)["command"]
+
+
+def test_recorded_command_names_the_data_under_shared_data(monkeypatch):
+    monkeypatch.setattr(quality, "DATA", "/srv/data/")
+    cmd = [sys.executable, "-m", "pka_ext.rec", "train", "--data", "/srv/data/ml-100k/ml-100k.inter",
+           "--name", "data"]
+    assert quality.recorded_command(cmd) == \
+        "pka-rec train --data ../shared/data/ml-100k/ml-100k.inter --name data"
+
+
+def test_tune_table_leaves_out_the_rate_each_model_ran_in_the_main_table(tmp_path):
+    args = argparse.Namespace(table="tune", seeds=[0], models=["psa", "rope"], datasets=["LastFM"],
+                              max_len=None, loss="ce", block="pre_ln", lr=None, epochs=100,
+                              patience=10, out=str(tmp_path), variants=None, grid_lr=None)
+    lrs = {(c["model"], c["variant"]) for c in quality.cells(args)}
+    assert lrs == {("psa", "lr 0.001"), ("psa", "lr 0.003"), ("rope", "lr 0.0003"), ("rope", "lr 0.003")}
+    args.lr = 3e-3
+    assert {v for _, v in {(c["model"], c["variant"]) for c in quality.cells(args)}} == {"lr 0.0003", "lr 0.001"}
 
 
 # A runner with two cells whose training (a stand-in) writes its pid and sleeps.
@@ -135,6 +188,31 @@ def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
         assert (cell_dir / "claimed").read_text().strip()  # stale: --resume-stale continues it
 
 
+def test_training_of_a_killed_runner_keeps_its_cell(tmp_path):
+    """SIGKILL leaves the runner no chance to stop its cells; their training holds the lock too, so a
+    --resume-stale runner does not start a second training of the same cell beside it."""
+    bench = os.path.dirname(os.path.abspath(quality.__file__))
+    runner = subprocess.Popen([sys.executable, "-c", STOPPED_RUNNER, bench, str(tmp_path)])
+    pid_files = [tmp_path / f"pid{s}" for s in (0, 1)]
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+        assert runner.poll() is None and time.monotonic() < deadline, "the cells did not start"
+        time.sleep(0.05)
+    children = [int(p.read_text()) for p in pid_files]
+    runner.kill()
+    runner.wait()
+    try:
+        cell = make_cell(tmp_path, "seed0")
+        assert quality.run_cell(cell, resume_stale=True)
+        assert calls(cell) == []
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
 def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     import torch
 
@@ -146,7 +224,8 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     (tmp_path / "earlier.json").write_text(json.dumps({
         "environment": dict(older, earlier_environments=[oldest]), "cells": earlier}))
     again = earlier[1]
-    cell_dir = tmp_path / quality._cell_dir(again).replace("runs/quality", "runs")
+    # Its folder spelled differently from the earlier report's: rows match on what the cell ran.
+    cell_dir = tmp_path / again["command"].rsplit("--out ", 1)[1].split()[0].replace("runs/quality", "./runs")
     cell_dir.mkdir(parents=True)
     keys = ("table", "dataset", "model", "variant", "seed", "command", "wall_seconds", "rc")
     test = {"ndcg@10": 0.5, "hr@10": 0.6, "cov@10": 0.7}
@@ -159,16 +238,34 @@ def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):
     with open(results / "quality.json") as f:
         merged = json.load(f)
     cells = merged["cells"]
-    assert merged["environment"]["earlier_environments"] == [older, oldest]  # one flat list
+    assert merged["environment"]["legacy_cell_machines"] == [older, oldest]  # one flat list
     assert [c["seed"] for c in cells] == [0, 1, 2]  # the study's order, not the merge's
     # Rows of reports older than the block setting were all pre-LN, and say so once merged.
     assert cells[0] == {"block": "pre_ln"} | earlier[0] and cells[2] == {"block": "pre_ln"} | earlier[2]
     assert cells[1]["test"] == test and cells[1]["val_curve"] == [0.1, 0.5, 0.4]
     md = (results / "quality.md").read_text()
     mean = (earlier[0]["test"]["ndcg@10"] + 0.5 + earlier[2]["test"]["ndcg@10"]) / 3
-    assert f"| psa | 3 | {mean:.4f} ± " in md
-    assert ("cells from earlier reports ran on: Older CPU (2 cores), torch 2.11.0, report of "
-            "2026-02-02; Oldest CPU (16 cores), torch 2.11.0, report of 2026-01-01.") in md
+    assert f"| psa | {again['lr']:g} | 3 | {mean:.4f} ± " in md
+    assert ("Machines: cells recorded without their machine ran on Older CPU (2 cores), torch 2.11.0 "
+            "(reports of 2026-02-02); Oldest CPU (16 cores), torch 2.11.0 (reports of 2026-01-01).") in md
+
+
+def test_report_names_the_machines_the_cells_ran_on_not_the_one_writing_it(tmp_path):
+    ran = dict(date="2026-03-03", torch="2.11.0", python="3.12.3", cpu="Cell CPU", cpu_count=16,
+               torch_threads=1)
+    d = tmp_path / "runs" / "main" / "ml-100k" / "psa" / "seed0"
+    d.mkdir(parents=True)
+    cell = {"table": "main", "dataset": "ml-100k", "model": "psa", "variant": None, "seed": 0,
+            "command": "pka-rec train --protocol temporal --out x", "wall_seconds": 1.0, "rc": 0,
+            "machine": ran}
+    write_finished_cell(d, cell, {"ndcg@10": 0.5, "hr@10": 0.5, "cov@10": 0.5}, history=[])
+    results = tmp_path / "results"
+    for merge in (None, str(results / "first.json")):  # and once more, merging its own report
+        quality.cmd_report(argparse.Namespace(out=str(tmp_path / "runs"), results=str(results),
+                                              summary=None, merge=merge))
+        os.replace(results / "quality.json", results / "first.json")
+        md = (results / "quality.md").read_text()
+        assert "Machines: cells ran on Cell CPU (16 cores), torch 2.11.0 (runs finished 2026-03-03). " in md
 
 
 def test_report_reads_the_learning_curve_from_metrics_json(tmp_path):
@@ -229,7 +326,7 @@ def test_report_puts_each_block_in_its_own_table_pre_ln_first(tmp_path):
                                           summary=None, merge=None))
     md = (results / "quality.md").read_text()
     tables = [line for line in md.splitlines() if line.startswith(("## ml-100k", "| psa"))]
-    assert tables == ["## ml-100k (temporal, max-len 50)", "| psa | 1 | 0.5000 | 0.5000 | 0.5000 | 2 | 3 |",
+    assert tables == ["## ml-100k (temporal, max-len 50)", "| psa | 0.001 | 1 | 0.5000 | 0.5000 | 0.5000 | 2 | 3 |",
                       "## ml-100k (temporal, max-len 50, authors' blocks)",
-                      "| psa | 1 | 0.2500 | 0.2500 | 0.2500 | 2 | 3 |"]
+                      "| psa | 0.001 | 1 | 0.2500 | 0.2500 | 0.2500 | 2 | 3 |"]
     assert (results / "quality_val_curves_ml-100k_authors.png").exists()

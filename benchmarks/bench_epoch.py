@@ -46,8 +46,11 @@ def main():
                       for h in state.history]
     info = machine_info()
     n_train = len(split.train)
-    md = ["# Epoch time on Beauty: PSA vs SASRec", "",
-          f"Machine: {describe(info)}. Command: `python benchmarks/bench_epoch.py` ({n_train} training "
+    name = os.path.splitext(os.path.basename(args.data))[0]
+    flags = ("" if os.path.abspath(args.data) == os.path.abspath(DEFAULT_DATA) else f" --data {args.data}") \
+        + (f" --epochs {args.epochs}" if args.epochs != 2 else "")
+    md = [f"# Epoch time on {name}: PSA vs SASRec", "",
+          f"Machine: {describe(info)}. Command: `python benchmarks/bench_epoch.py{flags}` ({n_train} training "
           "sequences, leave-one-out, max-len 50, D=128, 2 blocks, batch 128, full CE, Adam).", "",
           "| model | epoch | train s | validation s | train + validation s |", "|---|---|---|---|---|"]
     for name, hist in rows.items():

@@ -43,9 +43,10 @@ def _with_iqr(r) -> str:
 
 
 def cpu_op_section(sweep) -> list[str]:
+    bh = ", ".join(f"B={b}, H={h}" for b, h in dict.fromkeys((r["B"], r["H"]) for r in sweep["rows"]))
     md = ["## CPU op: forward, backward, forward + backward", "",
           f"Machine: {describe(sweep['machine'])}. Command: `python benchmarks/bench_cpu_op.py --sweep` "
-          "(fp32, B=64, H=2, lengths uniform in [1, T], median of repeated runs, fwd+bwd quartiles in "
+          f"(fp32, {bh}, lengths uniform in [1, T], median of repeated runs, fwd+bwd quartiles in "
           "parentheses where recorded; peak memory = growth of "
           "peak RSS during one fwd+bwd in a fresh process). Full table: `cpu_op_sweep.md`.", "",
           "| T | d | pka fwd / bwd / fwd+bwd ms | composition fwd+bwd ms | python_ref fwd+bwd ms "
@@ -68,7 +69,7 @@ def cpu_op_section(sweep) -> list[str]:
         ax.set_yscale("log")
         ax.set_xlabel("T")
         ax.set_ylabel("fwd + bwd ms")
-        ax.set_title(f"CPU op, fp32, B=64, H=2, d={d}")
+        ax.set_title(f"CPU op, fp32, {bh}, d={d}")
         ax.legend()
     fig.tight_layout()
     fig.savefig(os.path.join(RESULTS, "speed_cpu_time_vs_T.png"), dpi=110)

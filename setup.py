@@ -97,9 +97,10 @@ def _extension():
         return CppExtension("pka_ext._C", CPP_SOURCES, extra_compile_args={"cxx": cxx},
                             extra_link_args=LINK_ARGS)
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        # Without a visible GPU torch cannot pick the architecture; Hopper is our target.
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0"
-        print("pka-ext: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for sm_90")
+        # Without a visible GPU torch cannot pick the architecture. Hopper is our target; its PTX
+        # lets newer GPUs compile the kernels when they load (older ones need the list set).
+        os.environ["TORCH_CUDA_ARCH_LIST"] = "9.0+PTX"
+        print("pka-ext: no GPU visible and TORCH_CUDA_ARCH_LIST unset; building for sm_90 + PTX")
     print(f"pka-ext: building the CUDA extension with CUDA_HOME={_cuda_home}, "
           f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}")
     nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]

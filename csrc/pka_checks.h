@@ -6,7 +6,12 @@
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/types.h>
 
+#include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <initializer_list>
+#include <string>
 
 namespace pka {
 
@@ -16,6 +21,18 @@ namespace pka {
 struct NoAutocast {
   c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
 };
+
+// The value of a kernel switch in the environment, "" when unset or empty. Any value outside
+// `allowed` is an error naming the variable: a typo must not silently select the default path.
+inline std::string env_switch(const char* variable, std::initializer_list<const char*> allowed,
+                              const char* expected) {
+  const char* env = std::getenv(variable);
+  if (env == nullptr || env[0] == '\0') return "";
+  bool known = false;
+  for (const char* value : allowed) known = known || std::strcmp(env, value) == 0;
+  TORCH_CHECK(known, variable, " must be ", expected, ", got '", env, "'");
+  return env;
+}
 
 struct Dims {
   int64_t B, H, T, D;
@@ -39,8 +56,8 @@ inline int64_t check_kernel(const at::Tensor& a, const char* name, const at::Ten
 
 inline Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                          const at::Tensor& a_k, const at::Tensor& a_v,
-                         const std::optional<at::Tensor>& lengths, double dropout_p,
-                         const std::optional<at::Tensor>& seed) {
+                         const std::optional<at::Tensor>& lengths, double scale,
+                         double dropout_p, const std::optional<at::Tensor>& seed) {
   TORCH_CHECK(q.dim() == 4, "q must be [B, H, T, d], got shape ", q.sizes());
   TORCH_CHECK(k.sizes() == q.sizes(), "k shape ", k.sizes(), " must equal q shape ", q.sizes());
   TORCH_CHECK(v.sizes() == q.sizes(), "v shape ", v.sizes(), " must equal q shape ", q.sizes());
@@ -62,6 +79,7 @@ inline Dims check_inputs(const at::Tensor& q, const at::Tensor& k, const at::Ten
     TORCH_CHECK(len.device() == q.device() || len.device().is_cpu(), "lengths is on ",
                 len.device(), " but q is on ", q.device());
   }
+  TORCH_CHECK(std::isfinite(scale), "scale must be finite, got ", scale);
   TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ",
               dropout_p);
   TORCH_CHECK(dropout_p == 0.0 || seed.has_value(), "seed is required when dropout_p > 0");

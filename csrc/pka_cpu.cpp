@@ -484,7 +484,7 @@ std::tuple<Tensor, Tensor> pka_fwd_cpu(const Tensor& q, const Tensor& k, const T
                                        const std::optional<Tensor>& lengths, double scale,
                                        double dropout_p, const std::optional<Tensor>& seed) {
   const NoAutocast no_autocast;
-  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
+  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed);
   check_cpu_dtype(q, "pka_fwd");
   if (is_16bit(q)) {
     auto [out, lse] = pka_fwd_cpu(to_float(q), to_float(k), to_float(v), to_float(a_k),
@@ -510,7 +510,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(
     const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& lse,
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
   const NoAutocast no_autocast;
-  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
+  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed);
   check_cpu_dtype(q, "pka_bwd");
   // CPU keeps lse in the input dtype (float32 or float64), and in float32 for 16-bit inputs.
   check_backward_inputs(dout, out, lse, q, d, is_16bit(q) ? at::kFloat : q.scalar_type());

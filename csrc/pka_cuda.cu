@@ -36,7 +36,6 @@
 #include <torch/types.h>
 
 #include <cstdint>
-#include <cstdlib>
 #include <limits>
 
 #include "pka_checks.h"
@@ -238,24 +237,28 @@ unsigned row_blocks(const Dims& d) {
 // Host side: ATen glue
 // ---------------------------------------------------------------------------------------------
 
-void check_cuda_dtype(const Tensor& q, const char* op) {
+void check_cuda_dtype(const Tensor& q, double dropout_p, const char* op) {
   const auto t = q.scalar_type();
   TORCH_CHECK(t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16, op,
               " on CUDA supports float32, float64, float16 and bfloat16, got q of dtype ", t);
   TORCH_CHECK(q.is_cuda(), op, ": the CUDA implementation got q on ", q.device());
+  // The kernels scale kept probabilities by 1 / (1 - p) in the input dtype.
+  TORCH_CHECK(t != at::kHalf || 1.0 / (1.0 - dropout_p) <= 65504.0, op, ": dropout_p = ",
+              dropout_p, " makes the keep scale 1 / (1 - dropout_p) overflow float16; use "
+              "bfloat16 or float32");
 }
 
 // The range check 0 <= lengths[b] <= T. CPU lengths: here, with an error naming the element.
 // Device lengths: by the kernels, which assert it as they read them (a device-side assertion);
 // copying them to the host here would synchronise the stream on every call, which a training
 // step with device-side lengths (the recommender's) would pay in every layer, forward and backward.
+// At T = 0 no kernel reads them, so they are checked here.
 void check_lengths_without_sync(const std::optional<Tensor>& lengths, const Dims& d) {
-  if (lengths.has_value() && lengths->is_cpu()) (void)host_lengths(lengths, d);
+  if (lengths.has_value() && (lengths->is_cpu() || d.T == 0)) (void)host_lengths(lengths, d);
 }
 
 bool use_fused(const Tensor& q, const Dims& d) {
-  const char* env = std::getenv("PKA_CUDA_UNFUSED");
-  if (env != nullptr && env[0] != '\0' && env[0] != '0') return false;
+  if (env_switch("PKA_CUDA_UNFUSED", {"0", "1"}, "0 or 1") == "1") return false;
   return fused_supported(q, d);
 }
 
@@ -315,8 +318,8 @@ std::tuple<Tensor, Tensor> pka_fwd_cuda(const Tensor& q, const Tensor& k, const 
                                         const std::optional<Tensor>& lengths, double scale,
                                         double dropout_p, const std::optional<Tensor>& seed) {
   const NoAutocast no_autocast;
-  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
-  check_cuda_dtype(q, "pka_fwd");
+  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed);
+  check_cuda_dtype(q, dropout_p, "pka_fwd");
   c10::cuda::CUDAGuard device_guard(q.device());
   check_lengths_without_sync(lengths, d);
   if (use_fused(q, d)) return pka_fwd_fused(q, k, v, a_k, a_v, lengths, d, scale, dropout_p, seed);
@@ -353,8 +356,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cuda(
     const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& lse,
     double scale, double dropout_p, const std::optional<Tensor>& seed) {
   const NoAutocast no_autocast;
-  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, dropout_p, seed);
-  check_cuda_dtype(q, "pka_bwd");
+  const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed);
+  check_cuda_dtype(q, dropout_p, "pka_bwd");
   check_backward_inputs(dout, out, lse, q, d, lse_dtype(q));
   TORCH_CHECK(dout.device() == q.device() && out.device() == q.device() &&
                   lse.device() == q.device(),

@@ -10,11 +10,10 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <limits>
 #include <mutex>
 #include <optional>
+#include <string>
 #include <unordered_map>
 
 #include "pka_checks.h"
@@ -80,23 +79,14 @@ inline size_t smem_limit(const Tensor& q) { return device_limits(q).smem_optin; 
 // PKA_FUSED_WORKSPACE=1 puts every block buffer in the global workspace, =split only those that
 // long sequences put there (Placement), even when they would fit in shared memory.
 inline Placement placement() {
-  const char* env = std::getenv("PKA_FUSED_WORKSPACE");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return Placement::kFree;
-  if (std::strcmp(env, "split") == 0) return Placement::kSplit;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_FUSED_WORKSPACE must be 0, 1 or split, got '", env,
-              "'");
-  return Placement::kWorkspace;
+  const std::string v = env_switch("PKA_FUSED_WORKSPACE", {"0", "1", "split"}, "0, 1 or split");
+  return v == "split" ? Placement::kSplit : v == "1" ? Placement::kWorkspace : Placement::kFree;
 }
 
 // PKA_SMEM_SCORES=1: the 16-bit kernels' scores and probabilities through shared memory (the
 // WMMA path; the forward's softmax in two passes) instead of on mma.sync registers, to compare
 // the two on a device.
-inline bool smem_scores() {
-  const char* env = std::getenv("PKA_SMEM_SCORES");
-  if (env == nullptr || env[0] == '\0' || std::strcmp(env, "0") == 0) return false;
-  TORCH_CHECK(std::strcmp(env, "1") == 0, "PKA_SMEM_SCORES must be 0 or 1, got '", env, "'");
-  return true;
-}
+inline bool smem_scores() { return env_switch("PKA_SMEM_SCORES", {"0", "1"}, "0 or 1") == "1"; }
 
 // The kernels copy rows of q, k, v, dout and out in 16-byte chunks: a tensor whose data does not
 // start on a 16-byte boundary (a view with an odd storage offset) is copied first.
@@ -108,11 +98,8 @@ inline Tensor contiguous16(const Tensor& t) {
 // PKA_FWD_WARPS / PKA_BWD_WARPS = 4 or 8 fix the warps per block of the forward / backward, to
 // compare the choices on a device; 0 when unset.
 inline int forced_warps(const char* variable) {
-  const char* env = std::getenv(variable);
-  const int forced = env != nullptr && env[0] != '\0' ? std::atoi(env) : 0;
-  TORCH_CHECK(forced == 0 || forced == 4 || forced == 8, variable, " must be 4 or 8, got '", env,
-              "'");
-  return forced;
+  const std::string v = env_switch(variable, {"0", "4", "8"}, "0, 4 or 8");
+  return v.empty() ? 0 : v[0] - '0';
 }
 
 // The launch plans of pka_fused_kernels.cuh with this device's limits and the environment.
@@ -138,9 +125,8 @@ inline Tensor device_lengths(const std::optional<Tensor>& lengths, const Tensor&
 // of the longest sequences start first; undefined without lengths or with PKA_BLOCK_ORDER=0 (to
 // compare the two on a device).
 inline Tensor block_order(const Tensor& lengths_dev) {
-  const char* env = std::getenv("PKA_BLOCK_ORDER");
-  if (!lengths_dev.defined() || lengths_dev.numel() < 2 || (env != nullptr && env[0] == '0'))
-    return Tensor();
+  const bool off = env_switch("PKA_BLOCK_ORDER", {"0", "1"}, "0 or 1") == "0";
+  if (!lengths_dev.defined() || lengths_dev.numel() < 2 || off) return Tensor();
   return at::argsort(lengths_dev, /*stable=*/true, /*dim=*/0, /*descending=*/true).contiguous();
 }
 

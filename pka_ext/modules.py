@@ -51,12 +51,6 @@ def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
             f"backend={backend!r} cannot run inputs on {q.device}; move the module to {backend} "
             "or use backend='auto'"
         )
-    if q.device.type == "cuda" and not torch.ops.pka_ext.built_with_cuda():
-        raise RuntimeError(
-            "pka_ext was built without CUDA kernels, so it cannot run on CUDA tensors. Rebuild with "
-            "a CUDA toolkit (CUDA_HOME=/usr/local/cuda pip install --no-build-isolation -e .), or "
-            "use backend='reference'."
-        )
     return pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from pka_ext._library import built_with_cuda  # noqa: F401  (loads the compiled ops)
+from pka_ext._library import built_with_cuda  # importing it loads the compiled ops
 from python_ref.checks import check_attention_args
 
 _fwd = torch.ops.pka_ext.pka_fwd
@@ -33,6 +33,8 @@ def _pka_bwd_fake(dout, q, k, v, a_k, a_v, lengths, out, lse, scale, dropout_p, 
 def _setup_context(ctx, inputs, output):
     q, k, v, a_k, a_v, lengths, scale, dropout_p, seed = inputs
     out, lse = output
+    # The backward op takes no lse gradient: a loss through lse would get zero gradients silently.
+    ctx.mark_non_differentiable(lse)
     ctx.save_for_backward(q, k, v, a_k, a_v, lengths, out, lse, seed)
     ctx.scale = scale
     ctx.dropout_p = dropout_p
@@ -86,6 +88,20 @@ def _reject_forward_ad(*tensors) -> None:
             "python_ref.pka_attention (backend='reference' in the modules) supports it")
 
 
+# Read once: a constant is free under torch.compile, where calling the op would be traced.
+_CUDA_KERNELS = built_with_cuda()
+
+
+def require_cuda_kernels(q) -> None:
+    """CUDA inputs need a build with the CUDA kernels; the dispatcher's own error for a missing
+    CUDA kernel does not say that the build is the cause."""
+    if q.device.type == "cuda" and not _CUDA_KERNELS:
+        raise RuntimeError(
+            "pka_ext was built without CUDA kernels, so it cannot run on CUDA tensors. Rebuild with "
+            "a CUDA toolkit (PKA_REQUIRE_CUDA=1 CUDA_HOME=/usr/local/cuda pip install "
+            "--no-build-isolation -e .), or use python_ref (backend='reference' in the modules).")
+
+
 def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0, seed=None):
     """Positional-kernel attention: ``softmax_causal(scale * Q (A_k k)^T) (A_v v)``.
 
@@ -115,6 +131,7 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
     """
     check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed, check_values=False)
     _reject_forward_ad(q, k, v, a_k, a_v)
+    require_cuda_kernels(q)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     out, _ = _fwd(q, k, v, a_k, a_v, lengths, float(scale), float(dropout_p),

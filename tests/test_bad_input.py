@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -96,8 +98,50 @@ def test_raw_op_checks_in_cpp():
         torch.ops.pka_ext.pka_fwd(q, k, v, a_k, a_v, lens, 1.0, 0.5, None)
     with pytest.raises(RuntimeError, match="lse must be"):
         torch.ops.pka_ext.pka_bwd(q, q, k, v, a_k, a_v, lens, q, q, 1.0, 0.0, None)
+    for scale in (float("inf"), float("nan")):
+        with pytest.raises(RuntimeError, match="scale must be finite"):
+            torch.ops.pka_ext.pka_fwd(q, k, v, a_k, a_v, lens, scale, 0.0, None)
+        out, lse = torch.ops.pka_ext.pka_fwd(q, k, v, a_k, a_v, lens, 1.0, 0.0, None)
+        with pytest.raises(RuntimeError, match="scale must be finite"):
+            torch.ops.pka_ext.pka_bwd(out, q, k, v, a_k, a_v, lens, out, lse, scale, 0.0, None)
+
+
+def test_lse_output_is_not_differentiable():
+    """The backward op takes no lse gradient, so lse must not pretend to carry one."""
+    q, k, v, a_k, a_v, lens = good()
+    out, lse = torch.ops.pka_ext.pka_fwd(*(t.requires_grad_() for t in (q, k, v, a_k, a_v)), lens,
+                                         1.0, 0.0, None)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
 
 
 def test_reference_needs_seed_for_dropout():
     with pytest.raises(ValueError, match="explicit seed"):
         python_ref.pka_attention(*good(), dropout_p=0.2)
+
+
+def test_cuda_tensors_without_the_cuda_kernels_say_the_build_is_why(monkeypatch):
+    import types
+
+    from pka_ext import ops
+
+    monkeypatch.setattr(ops, "_CUDA_KERNELS", False)
+    with pytest.raises(RuntimeError, match="built without CUDA kernels.*PKA_REQUIRE_CUDA=1"):
+        ops.require_cuda_kernels(types.SimpleNamespace(device=torch.device("cuda")))
+    ops.require_cuda_kernels(torch.zeros(1))  # CPU tensors need no CUDA kernels
+
+
+def test_a_cpu_only_build_warns_on_a_machine_with_a_gpu(monkeypatch):
+    import importlib
+
+    import pka_ext._library as library
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.ops.pka_ext, "built_with_cuda", lambda: False)
+    with pytest.warns(UserWarning, match="built without its CUDA kernels"):
+        importlib.reload(library)
+    monkeypatch.setattr(torch.ops.pka_ext, "built_with_cuda", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        importlib.reload(library)

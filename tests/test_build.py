@@ -76,11 +76,11 @@ def test_sdist_carries_every_source_and_test(tmp_path):
     import tarfile
 
     for name in ("setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "csrc", "pka_ext",
-                 "python_ref", "tests"):
+                 "python_ref", "tests", "benchmarks"):
         src = os.path.join(REPO, name)
         if os.path.isdir(src):
             shutil.copytree(src, tmp_path / name,
-                            ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info"))
+                            ignore=shutil.ignore_patterns("*.so", "__pycache__", "*.egg-info", "results"))
         else:
             shutil.copy(src, tmp_path / name)
     env = dict(os.environ, PKA_FORCE_CPU="1")
@@ -92,12 +92,14 @@ def test_sdist_carries_every_source_and_test(tmp_path):
     with tarfile.open(archive) as tar:
         packed = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     wanted = set()
-    for top, suffixes in (("csrc", (".h", ".cuh", ".cpp", ".cu")), ("tests", (".py", ".h", ".cpp"))):
+    for top, suffixes in (("csrc", (".h", ".cuh", ".cpp", ".cu")), ("tests", (".py", ".h", ".cpp")),
+                          ("benchmarks", (".py", ".sh"))):  # tests import and run the benchmarks
         for folder, dirs, files in os.walk(os.path.join(REPO, top)):
-            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            dirs[:] = [d for d in dirs if d not in ("__pycache__", "results")]
             wanted |= {os.path.relpath(os.path.join(folder, f), REPO) for f in files
                        if f.endswith(suffixes)}
     assert any(w.endswith(".cuh") for w in wanted) and "tests/conftest.py" in wanted
+    assert "benchmarks/quality.py" in wanted and "benchmarks/gpu_check.sh" in wanted
     assert wanted <= packed, sorted(wanted - packed)
 
 

@@ -455,6 +455,15 @@ ERROR_CASES = {
     "bwd_half_lse_dtype": ("x = inputs(2, dtype=torch.half)\nout, lse = op_fwd(*x, None, 1.0, 0.0, None)\n"
                            "assert lse.dtype == torch.float32\n"
                            "op_bwd(out, *x, None, out, lse.half(), 1.0, 0.0, None)", "lse"),
+    "half_dropout_keep_scale": ("op_fwd(*inputs(16, dtype=torch.half), None, 1.0, 0.99999, torch.tensor([1]))",
+                                "overflow float16"),
+    # Empty inputs run no kernel that would assert on device lengths: checked on the host.
+    "device_lengths_T0": ("x = torch.zeros(2, 1, 0, 16, device='cuda')\na = torch.zeros(0, 0, device='cuda')\n"
+                          "op_fwd(x, x, x, a, a, torch.tensor([3, 0], device='cuda'), 1.0, 0.0, None)",
+                          "outside"),
+    "device_lengths_T0_unfused": ("x = torch.zeros(2, 1, 0, 2, device='cuda')\na = torch.zeros(0, 0, device='cuda')\n"
+                                  "op_fwd(x, x, x, a, a, torch.tensor([3, 0], device='cuda'), 1.0, 0.0, None)",
+                                  "outside"),
     # The same check on the CPU op, in the same build: tells a CUDA-path problem from a general one.
     "cpu_op_lengths_above_T": ("op_fwd(*inputs(2, device='cpu'), torch.tensor([5, 1]), 1.0, 0.0, None)",
                                "outside"),

@@ -266,15 +266,19 @@ def test_score_paths_agree(T, d, placement, dtype, monkeypatch):
     assert (lses[0] - lses[1]).abs().max().item() <= 1e-5 * max(1.0, lses[1].abs().max().item())
 
 
-@pytest.mark.parametrize("variable,message", [("PKA_FWD_WARPS", "must be 4 or 8"),
-                                              ("PKA_BWD_WARPS", "must be 4 or 8"),
+@pytest.mark.parametrize("variable,message", [("PKA_FWD_WARPS", "must be 0, 4 or 8"),
+                                              ("PKA_BWD_WARPS", "must be 0, 4 or 8"),
                                               ("PKA_FUSED_WORKSPACE", "must be 0, 1 or split"),
-                                              ("PKA_SMEM_SCORES", "must be 0 or 1")])
-def test_bad_launch_setting_is_refused(variable, message, monkeypatch):
+                                              ("PKA_SMEM_SCORES", "must be 0 or 1"),
+                                              ("PKA_BLOCK_ORDER", "must be 0 or 1"),
+                                              ("PKA_CUDA_UNFUSED", "must be 0 or 1")])
+@pytest.mark.parametrize("value", ["6", "8x", "off"])
+def test_bad_launch_setting_is_refused(variable, message, value, monkeypatch):
+    """A mistyped switch is an error, not the default path (atoi read "8x" as 8 and "off" as 0)."""
     x64, lengths, dout64 = inputs64(2, 1, 16, 32, per_head=False, seed=2)
     x, dout = [t.float() for t in x64], dout64.float()
-    monkeypatch.setenv(variable, "6")
-    with pytest.raises(RuntimeError, match=f"{variable} {message}, got '6'"):
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(RuntimeError, match=f"{variable} {message}, got '{value}'"):
         fwd_bwd(pka_ext.pka_attention, x, lengths, dout, dropout_p=0.0, seed=0)
 
 

@@ -16,7 +16,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import describe, machine_info, write_results  # noqa: E402
+from common import command_line, describe, machine_info, write_results  # noqa: E402
 
 from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
 from pka_ext.rec.data import load  # noqa: E402
@@ -47,10 +47,8 @@ def main():
     info = machine_info()
     n_train = len(split.train)
     name = os.path.splitext(os.path.basename(args.data))[0]
-    flags = ("" if os.path.abspath(args.data) == os.path.abspath(DEFAULT_DATA) else f" --data {args.data}") \
-        + (f" --epochs {args.epochs}" if args.epochs != 2 else "")
     md = [f"# Epoch time on {name}: PSA vs SASRec", "",
-          f"Machine: {describe(info)}. Command: `python benchmarks/bench_epoch.py{flags}` ({n_train} training "
+          f"Machine: {describe(info)}. Command: `{command_line('bench_epoch.py', ap, args)}` ({n_train} training "
           "sequences, leave-one-out, max-len 50, D=128, 2 blocks, batch 128, full CE, Adam).", "",
           "| model | epoch | train s | validation s | train + validation s |", "|---|---|---|---|---|"]
     for name, hist in rows.items():

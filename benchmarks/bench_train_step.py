@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import describe, interleaved_times, machine_info, write_results  # noqa: E402
+from common import command_line, describe, interleaved_times, machine_info, write_results  # noqa: E402
 
 from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
 from pka_ext.rec.models import SeqRecModel  # noqa: E402
@@ -115,7 +115,7 @@ def main():
         "# Training step: PSA vs baselines",
         "",
         f"Machine: {describe(info)}.",
-        f"Command: `python benchmarks/bench_train_step.py` (B={B}, T={T}, D={args.hidden}, "
+        f"Command: `{command_line('bench_train_step.py', ap, args)}` (B={B}, T={T}, D={args.hidden}, "
         f"{args.blocks} blocks, 1 head, {args.items} items, full-catalogue CE + Adam, "
         f"device {args.device}{', bf16 autocast' if args.amp else ''}, median of {args.repeats} steps, "
         "the models taking turns step by step).",

@@ -12,6 +12,18 @@ import time
 import torch
 
 
+def command_line(script: str, parser, args, skip=("out",)) -> str:
+    """The command a report names: the script with the flags that differ from their defaults
+    (``skip``: those that only say where the results go)."""
+    flags = []
+    for key, value in vars(args).items():
+        if key in skip or value == parser.get_default(key):
+            continue
+        flag = "--" + key.replace("_", "-")
+        flags.append(flag if value is True else f"{flag} {value}")
+    return " ".join(["python", f"benchmarks/{script}", *flags])
+
+
 def machine_info() -> dict:
     cpu = platform.processor() or "unknown"
     try:

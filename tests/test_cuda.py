@@ -526,3 +526,4 @@ def test_empty_batch_and_zero_length():
         assert out.shape == q.shape and lse.shape == (B, 2, T)
         grads = OP_BWD(out, q, k, v, a_k, a_v, None, out, lse, 0.5, 0.0, None)
         assert [g.shape for g in grads] == [t.shape for t in (q, k, v, a_k, a_v)]
+        assert not any(g.any() for g in grads)  # da_k, da_v too: sums over no sequence

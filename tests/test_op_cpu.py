@@ -54,13 +54,20 @@ def test_float32_close_to_float64_reference():
     assert max_rel_err(out32, ref64) < 1e-5
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 3e-3)],
-                         ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @BOTH_CPU_PATHS
 @pytest.mark.parametrize("per_head,dropout_p", [(False, 0.0), (True, 0.25)])
-def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
-    """bfloat16 / float16 on the CPU: each result is within a few roundings of the float64
-    reference run on the same (rounded) inputs, and lse is float32."""
+def test_16bit_inputs_computed_in_float32(dtype, T, per_head, dropout_p):
+    """bfloat16 / float16 on the CPU: computed in float32 and rounded once, each result is about
+    as close to the float64 reference (run on the same rounded inputs) as that reference rounded
+    to the dtype (relative L2 error, at most 1.9x here); python_ref run in the 16-bit dtype is
+    3.9-5.4x as far off in its worst result of every case here, so it would fail."""
+
+    def within_one_rounding(x, exact):
+        def rel_l2(y):
+            return ((y.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+        return rel_l2(x) <= 2.5 * rel_l2(exact.to(dtype)) + 1e-7
+
     args = make_inputs(3, 2, T, 16, per_head=per_head, lengths=[T, 0, T // 2])
     low = [t.detach().to(dtype).requires_grad_() for t in args[:5]]
     exact = [t.detach().double().requires_grad_() for t in low]
@@ -68,13 +75,13 @@ def test_16bit_inputs_computed_in_float32(dtype, tol, T, per_head, dropout_p):
     out = pka_ext.pka_attention(*low, lens, dropout_p=dropout_p, seed=7)
     ref = python_ref.pka_attention(*exact, lens, dropout_p=dropout_p, seed=7)
     assert out.dtype == dtype
-    assert max_rel_err(out, ref) < tol
+    assert within_one_rounding(out, ref)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
     grads = torch.autograd.grad(out, low, g)
     ref_grads = torch.autograd.grad(ref, exact, g.double())
     for name, gr, r in zip(GRAD_NAMES, grads, ref_grads):
         assert gr.dtype == dtype, name
-        assert max_rel_err(gr, r) < tol, name
+        assert within_one_rounding(gr, r), name
     _, lse = torch.ops.pka_ext.pka_fwd(*(t.detach() for t in low), lens, 0.25, 0.0, None)
     assert lse.dtype == torch.float32
 
@@ -90,10 +97,12 @@ def test_autocast_does_not_recast_inside_the_op(T):
     assert under.dtype == torch.float32 and torch.equal(under, plain)
 
 
-def test_dropout_mask_bit_identical_to_reference():
+# Seeds use all 64 bits: those past 2**32 and 2**63 must not alias smaller ones.
+@pytest.mark.parametrize("seed", [987654321, 2**32 + 5, 2**63 + 12345, 2**64 - 1])
+def test_dropout_mask_bit_identical_to_reference(seed):
     # With q = 0 every visible key gets the same probability, and with v = I, a_v = I the output
     # row is that probability row, so the output's zero pattern is the dropout mask.
-    B, H, T, p, seed = 2, 3, 40, 0.3, 987654321
+    B, H, T, p = 2, 3, 40, 0.3
     q = torch.zeros(B, H, T, T, dtype=torch.float64)
     v = torch.eye(T, dtype=torch.float64).expand(B, H, T, T)
     eye = torch.eye(T, dtype=torch.float64)
@@ -105,6 +114,8 @@ def test_dropout_mask_bit_identical_to_reference():
     n = causal.sum(-1, dtype=torch.float64)[:, None]  # visible keys per row
     expected = keep * causal / n / (1 - p)
     torch.testing.assert_close(out, expected.double(), atol=1e-12, rtol=0)
+    low = python_ref.dropout_keep_mask(seed % 2**32, B, H, T) >= python_ref.dropout_threshold(p)
+    assert seed < 2**32 or not torch.equal(keep, low)  # the reference's mask uses the high bits
 
 
 def test_dropout_keep_rate_and_seed_dependence():
@@ -377,3 +388,25 @@ def test_randomized_sweep_quick():
 @pytest.mark.slow
 def test_randomized_sweep_full():
     _sweep(2000, seed=77)
+
+
+@pytest.mark.parametrize("per_head", [False, True], ids=["shared", "per_head"])
+def test_benchmark_composition_is_exact_in_float64(per_head):
+    """The 16-bit tests (tests/test_fused_emulated.py, tests/test_cuda_fused.py) bound the kernels'
+    error by that of the PyTorch composition in the same dtype: the bound means something only
+    if the composition computes the op, which it must do to float64 rounding."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                    "benchmarks"))
+    from attention_impls import composition
+
+    q, k, v, a_k, a_v, lens = make_inputs(4, 2, 23, 8, per_head=per_head)  # lengths T, 0 and random
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    out = composition(q, k, v, a_k, a_v, lens)
+    ref = python_ref.pka_attention(q, k, v, a_k, a_v, lens)
+    assert max_rel_err(out, ref) < 1e-12
+    for name, x, r in zip(GRAD_NAMES, torch.autograd.grad(out, (q, k, v, a_k, a_v), g),
+                          torch.autograd.grad(ref, (q, k, v, a_k, a_v), g)):
+        assert max_rel_err(x, r) < 1e-12, name

@@ -52,9 +52,9 @@ def test_leave_one_out_properties(sequences):
                                  split.test.contexts, split.test.targets):
         assert vc.tolist() + [vt] == s[:-1]
         assert tc.tolist() + [tt] == s
-    # No training sequence reaches into a user's validation or test item.
-    assert sorted(map(len, split.train)) == sorted(
-        [len(s) - 2 for s in long if len(s) >= 4] + [2 for s in sequences if len(s) == 2])
+    # Training sequences are the users' histories without their validation and test items.
+    assert sorted(tuple(np.asarray(t).tolist()) for t in split.train) == sorted(
+        [tuple(s[:-2]) for s in long if len(s) >= 4] + [tuple(s) for s in sequences if len(s) == 2])
 
 
 # --- temporal -----------------------------------------------------------------------------------

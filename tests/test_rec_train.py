@@ -171,9 +171,17 @@ def test_loss_uses_only_real_positions(model):
     real = y != 0
     expected = F.cross_entropy(logits[real], y[real], reduction="sum")
     torch.testing.assert_close(loss, expected)
-    sampled = next_item_loss(m, x, y, TrainConfig(loss="sampled", num_negatives=8), 30,
+    # Sampled softmax: the target against the drawn negatives, a negative equal to the target
+    # left out (30 draws from 30 items: some collide with targets).
+    sampled = next_item_loss(m, x, y, TrainConfig(loss="sampled", num_negatives=30), 30,
                              torch.Generator().manual_seed(0))
-    assert torch.isfinite(sampled) and sampled > 0
+    neg = torch.randint(1, 31, (30,), generator=torch.Generator().manual_seed(0))
+    assert any(int(t) in neg.tolist() for t in y[real])
+    expected = 0.0
+    for row, target in zip(logits[real], y[real]):
+        others = row[neg][neg != target]
+        expected = expected - row[target] + torch.logsumexp(torch.cat([row[target].view(1), others]), 0)
+    torch.testing.assert_close(sampled, expected)
 
 
 def test_sampled_negatives_are_fresh_each_epoch_and_reproducible():
@@ -344,6 +352,9 @@ def test_resume_continues_from_checkpoint(tmp_path):
     with open(os.path.join(resumed, "metrics.json")) as f:
         m = json.load(f)
     assert m["epochs_run"] == 3
+    with open(os.path.join(out, "metrics.json")) as f:
+        first = json.load(f)["history"]
+    assert m["history"][:2] == first  # epochs 1-2 taken over, wall times included: not retrained
 
 
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
@@ -354,8 +365,11 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     cli_main(args + ["--epochs", "3", "--out", straight])
     cli_main(args + ["--epochs", "1", "--out", first])
     cli_main(args + ["--epochs", "3", "--out", resumed, "--resume", os.path.join(first, "checkpoint.pt")])
-    a, b = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False) for d in (straight, resumed))
+    a, b, c = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=False)
+               for d in (straight, resumed, first))
     assert [h["loss"] for h in a["train_state"]["history"]] == [h["loss"] for h in b["train_state"]["history"]]
+    # Epoch 1 was taken over from the checkpoint, not trained again (its wall time would differ).
+    assert b["train_state"]["history"][0] == c["train_state"]["history"][0]
     for name, w in a["model_state"].items():
         assert torch.equal(w, b["model_state"][name]), name
 
@@ -374,8 +388,19 @@ def test_resuming_an_early_stopped_run_trains_no_further(tmp_path):
         assert json.load(f)["epochs_run"] == 2
 
 
-def test_cli_trains_under_cpu_bfloat16_autocast(tmp_path):
+def test_cli_trains_under_cpu_bfloat16_autocast(tmp_path, monkeypatch):
+    import pka_ext.modules
+
+    seen = set()
+    op = pka_ext.modules.pka_attention
+
+    def recording(q, *args, **kwargs):
+        seen.add((torch.is_grad_enabled(), q.dtype))
+        return op(q, *args, **kwargs)
+
+    monkeypatch.setattr(pka_ext.modules, "pka_attention", recording)
     out = _train_cli(tmp_path, extra=["--amp"])
+    assert (True, torch.bfloat16) in seen  # the training steps ran the attention in bfloat16
     with open(os.path.join(out, "metrics.json")) as f:
         metrics = json.load(f)
     assert metrics["config"]["train"]["amp"] is True

@@ -249,6 +249,9 @@ __device__ __forceinline__ uint32_t load_bits(const T* p) {
 #if defined(__CUDA_ARCH__)
   return *reinterpret_cast<const U*>(p);
 #else
+#ifndef __CUDACC__
+  PKA_EMU_REQUIRE_ALIGNED(p, sizeof(U));
+#endif
   U u;
   std::memcpy(&u, p, sizeof(U));
   return u;
@@ -505,6 +508,7 @@ __device__ __forceinline__ void load2(const float* p, float& a, float& b) {
   a = v.x;
   b = v.y;
 #else
+  PKA_EMU_REQUIRE_ALIGNED(p, 8);
   a = p[0];
   b = p[1];
 #endif
@@ -516,6 +520,9 @@ __device__ __forceinline__ void store2(T* p, float a, float b) {
   struct alignas(2 * sizeof(T)) Pair {
     T x, y;
   };
+#ifndef __CUDACC__
+  PKA_EMU_REQUIRE_ALIGNED(p, sizeof(Pair));
+#endif
   *reinterpret_cast<Pair*>(p) = Pair{from_f<T>(a), from_f<T>(b)};
 }
 
@@ -533,11 +540,11 @@ struct Chunk {
   uint32_t x, y, z, w;
 };
 __device__ __forceinline__ void ld16(const void* src, Chunk& c) {
-  PKA_EMU_REQUIRE_ALIGNED16(src);
+  PKA_EMU_REQUIRE_ALIGNED(src, 16);
   std::memcpy(&c, src, 16);
 }
 __device__ __forceinline__ void st16(void* dst, const Chunk& c) {
-  PKA_EMU_REQUIRE_ALIGNED16(dst);
+  PKA_EMU_REQUIRE_ALIGNED(dst, 16);
   std::memcpy(dst, &c, 16);
 }
 #endif
@@ -553,7 +560,7 @@ __device__ __forceinline__ void load8(const float* p, float (&v)[8]) {
   const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
   v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 #else
-  PKA_EMU_REQUIRE_ALIGNED16(p);
+  PKA_EMU_REQUIRE_ALIGNED(p, 16);
   for (int e = 0; e < 8; ++e) v[e] = p[e];
 #endif
 }

@@ -159,8 +159,8 @@ quality.run_cells(cells, jobs=2, resume_stale=False)
 """
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
-def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
+def start_runner(tmp_path):
+    """A runner process on STOPPED_RUNNER's two cells, once both stand-ins run: (runner, their pids)."""
     bench = os.path.dirname(os.path.abspath(quality.__file__))
     runner = subprocess.Popen([sys.executable, "-c", STOPPED_RUNNER, bench, str(tmp_path)])
     pid_files = [tmp_path / f"pid{s}" for s in (0, 1)]
@@ -168,20 +168,30 @@ def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
     while not all(p.exists() and p.read_text() for p in pid_files):
         assert runner.poll() is None and time.monotonic() < deadline, "the cells did not start"
         time.sleep(0.05)
-    children = [int(p.read_text()) for p in pid_files]
+    return runner, [int(p.read_text()) for p in pid_files]
+
+
+def kill(pids):
+    """A failed test must not leave the stand-ins sleeping."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
+    runner, children = start_runner(tmp_path)
     runner.send_signal(sig)
     try:
         assert runner.wait(timeout=60) != 0
         for pid in children:
             with pytest.raises(ProcessLookupError):  # reaped by the runner: gone
                 os.kill(pid, 0)
-    finally:  # a failure must not leave the stand-ins sleeping
+    finally:
         runner.kill()
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(children)
     for s in (0, 1):
         cell_dir = tmp_path / f"seed{s}"
         assert not (cell_dir / "cell.json").exists()  # not recorded as finished
@@ -191,14 +201,7 @@ def test_stopped_runner_stops_its_cells_and_leaves_them_stale(tmp_path, sig):
 def test_training_of_a_killed_runner_keeps_its_cell(tmp_path):
     """SIGKILL leaves the runner no chance to stop its cells; their training holds the lock too, so a
     --resume-stale runner does not start a second training of the same cell beside it."""
-    bench = os.path.dirname(os.path.abspath(quality.__file__))
-    runner = subprocess.Popen([sys.executable, "-c", STOPPED_RUNNER, bench, str(tmp_path)])
-    pid_files = [tmp_path / f"pid{s}" for s in (0, 1)]
-    deadline = time.monotonic() + 60
-    while not all(p.exists() and p.read_text() for p in pid_files):
-        assert runner.poll() is None and time.monotonic() < deadline, "the cells did not start"
-        time.sleep(0.05)
-    children = [int(p.read_text()) for p in pid_files]
+    runner, children = start_runner(tmp_path)
     runner.kill()
     runner.wait()
     try:
@@ -206,11 +209,7 @@ def test_training_of_a_killed_runner_keeps_its_cell(tmp_path):
         assert quality.run_cell(cell, resume_stale=True)
         assert calls(cell) == []
     finally:
-        for pid in children:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill(children)
 
 
 def test_report_merges_an_earlier_report_and_replaces_cells_run_again(tmp_path):

@@ -37,12 +37,24 @@ namespace pka_emu {
 // B registers).
 constexpr unsigned kSlots = 6;
 
+// Bytes past the block's dynamic shared memory. They hold NaN bytes like the rest, so a read past
+// the end shows up in the results, and launch() aborts when a block has written to them: an
+// overrun that compute-sanitizer would report on the device.
+constexpr size_t kGuard = 256;
+
 struct BlockState {
   explicit BlockState(unsigned threads, size_t smem_bytes)
-      : block(threads), xchg(threads * kSlots), smem_size(smem_bytes + 128) {
+      : block(threads), xchg(threads * kSlots), smem_size(smem_bytes) {
     for (unsigned w = 0; w < threads / 32; ++w) warps.emplace_back(std::make_unique<std::barrier<>>(32));
-    storage.reset(static_cast<unsigned char*>(std::aligned_alloc(128, (smem_size + 127) / 128 * 128)));
-    std::memset(storage.get(), 0xff, smem_size);  // NaN in every float and half lane
+    const size_t bytes = (smem_size + kGuard + 127) / 128 * 128;
+    storage.reset(static_cast<unsigned char*>(std::aligned_alloc(128, bytes)));
+    std::memset(storage.get(), 0xff, bytes);  // NaN in every float and half lane
+  }
+  bool guard_intact() const {
+    const unsigned char* g = storage.get() + smem_size;
+    for (size_t i = 0; i < kGuard; ++i)
+      if (g[i] != 0xff) return false;
+    return true;
   }
   struct Free {
     void operator()(unsigned char* p) const { std::free(p); }
@@ -71,6 +83,11 @@ void launch(Kernel kernel, unsigned grid, unsigned threads, size_t smem_bytes, c
         kernel(p);
       });
     for (auto& th : pool) th.join();
+    if (!state.guard_intact()) {
+      std::fprintf(stderr, "emulated CUDA: block %u wrote past its %zu bytes of dynamic shared memory\n",
+                   b, smem_bytes);
+      std::abort();
+    }
   }
 }
 
@@ -109,11 +126,12 @@ inline bool __isShared(const void* p) {
 }
 inline float atomicAdd(float* p, float v) { return std::atomic_ref<float>(*p).fetch_add(v); }
 inline int min(int a, int b) { return a < b ? a : b; }
-// The kernels' 16-byte vector copies: misaligned on the device is a fault, so here an abort.
-#define PKA_EMU_REQUIRE_ALIGNED16(p)                                              \
-  do {                                                                            \
-    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) {                         \
-      std::fprintf(stderr, "emulated CUDA: 16-byte access not 16-byte aligned\n"); \
-      std::abort();                                                               \
-    }                                                                             \
+// The kernels' vector accesses (16-byte copies, 8- and 4-byte pairs): misaligned on the device is
+// a fault, so here an abort.
+#define PKA_EMU_REQUIRE_ALIGNED(p, bytes)                                                   \
+  do {                                                                                      \
+    if (reinterpret_cast<std::uintptr_t>(p) % (bytes) != 0) {                              \
+      std::fprintf(stderr, "emulated CUDA: %zu-byte access not aligned\n", size_t(bytes)); \
+      std::abort();                                                                         \
+    }                                                                                       \
   } while (0)

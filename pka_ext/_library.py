@@ -28,9 +28,10 @@ def built_with_cuda() -> bool:
     return bool(torch.ops.pka_ext.built_with_cuda())
 
 
-if torch.cuda.is_available() and not built_with_cuda():
-    # setup.py falls back to a CPU-only build where it finds no CUDA toolkit, and pip hides its
-    # notice; on a GPU machine that is almost never what was meant.
+# setup.py falls back to a CPU-only build where it finds no CUDA toolkit, and pip hides its notice;
+# on a GPU machine that is almost never what was meant. (A CUDA build never asks for the device,
+# which would initialise CUDA at import.)
+if not built_with_cuda() and torch.version.cuda is not None and torch.cuda.is_available():
     warnings.warn("pka_ext was built without its CUDA kernels although a GPU is visible: the op "
                   "refuses CUDA tensors. Rebuild with PKA_REQUIRE_CUDA=1 and CUDA_HOME set (README, "
                   "'Install').", stacklevel=2)

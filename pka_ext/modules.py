@@ -150,8 +150,9 @@ class PKAttention(nn.Module):
         Dropout on attention probabilities (training only).
     bias : bool
         Bias in the projections. Keys and values are projected before they are mixed, so their
-        bias is mixed too, ``A (X W + b)``, where the authors' code mixes first, ``A X W + b``: the
-        two differ by the kernel's row sums times ``b``, which ``bias=False`` removes.
+        bias is mixed too, ``A (X W + b)``, where the authors' code mixes first, ``A X W + b``: at
+        position i the two differ by ``(sum_j A_ij - 1) b``, the sum over the sequence's real
+        positions ``j <= i`` (padded rows are zero before mixing), which ``bias=False`` removes.
     backend : {"auto", "cpu", "cuda", "reference"}
     """
 

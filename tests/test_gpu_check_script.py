@@ -17,10 +17,10 @@ STEPS = ("build", "tests", "memcheck", "racecheck", "bench_op", "bench_train", "
          "ncu", "sass", "memcheck_long", "triage", "error_stack")
 
 
-def run_check(tmp_path, python, budget):
+def run_check(tmp_path, python, budget, **extra_env):
     out = tmp_path / "out"
     env = dict(os.environ, PYTHON=python, COMPUTE_SANITIZER="true", NCU="true", CUOBJDUMP="true",
-               PKA_GPU_CHECK_BUDGET=str(budget))
+               PKA_GPU_CHECK_BUDGET=str(budget), **extra_env)
     subprocess.run(["bash", SCRIPT, str(out)], env=env, check=True, capture_output=True, timeout=120)
     summary = (out / "summary.txt").read_text().splitlines()
     with tarfile.open(out / "gpu_check.tar.gz") as tar:
@@ -37,15 +37,17 @@ def test_every_step_reported_in_two_files(tmp_path):
 
 
 def test_budget_skips_the_remaining_steps(tmp_path):
+    # Every python call of the check advances its clock by 5 s (no waiting: the clock is a file).
+    clock = tmp_path / "clock"
+    clock.write_text("0")
     slow = tmp_path / "slow_python"
-    slow.write_text("#!/bin/sh\nsleep 5\n")
+    slow.write_text(f"#!/bin/sh\necho $(( $(cat {clock}) + 5 )) > {clock}\n")
     slow.chmod(0o755)
     # The machine lines (two python calls), the xdist and pytest-timeout probes and the build take
     # 5 s each: 25 s of a 44 s budget leave 19 s, enough for the tests step (5 s, runs while at
-    # least 15 s are left); after it 14 s are left, so the rest is skipped. Up to 4 s of overhead
-    # keep the same outcome.
-    _, summary, names = run_check(tmp_path, str(slow), 44)
-    assert summary[0].startswith("build rc=0") and summary[1].startswith("tests rc=0")
+    # least 15 s are left); after it 14 s are left, so the rest is skipped.
+    _, summary, names = run_check(tmp_path, str(slow), 44, PKA_GPU_CHECK_CLOCK=str(clock))
+    assert summary[0] == "build rc=0 5s" and summary[1] == "tests rc=0 5s"
     assert all(line.endswith("skipped (budget of 44s spent)") for line in summary[2:-1])
     assert "tests.log" in names and "memcheck.log" not in names
 

@@ -16,8 +16,9 @@ def pka_attention(q, k, v, a_k, a_v, lengths=None, *, scale=None, dropout_p=0.0,
     """
     check_attention_args(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed)
     B, H, T, d = q.shape
-    if T == 0:  # (the row maxima below need a key); every input stays in the graph, so that the
-        # gradients are zeros of the inputs' shapes, as the op's are
+    if T == 0:
+        # The row maxima below need a key. Every input stays in the graph, so that the gradients
+        # are zeros of the inputs' shapes, as the op's are.
         return (q + k + v) * 0 + (a_k.sum() + a_v.sum()) * 0
     if scale is None:
         scale = d**-0.5

@@ -790,3 +790,97 @@ def test_plot_kernels_reads_another_file_in_the_models_numbering(tmp_path, monke
                                          "kernels and no contexts were given"):
         cli_main(["plot-kernels", "--checkpoint", str(tmp_path / "sasrec" / "checkpoint.pt"),
                   "--out", str(tmp_path / "k.png")])
+
+
+def test_a_cutoff_beyond_the_catalogue_needs_no_table_of_its_size():
+    """--report-k 1000000000000 used to allocate a discount table of that length (8 TB) when the
+    run had finished training, and crash instead of writing metrics.json."""
+    model = FixedScorer([0.0, 9.0, 5.0, 4.0, 3.0])
+    es = EvalSet(contexts=[np.array([1]), np.array([2])], targets=np.array([3, 4]),
+                 users=np.arange(2))
+    huge = evaluate(model, es, num_items=4, k=[2, 10**12])
+    small = evaluate(model, es, num_items=4, k=[2, 4])
+    assert huge["hr@1000000000000"] == small["hr@4"] == 1.0
+    assert huge["ndcg@1000000000000"] == small["ndcg@4"] and huge["hr@2"] == small["hr@2"]
+    assert huge["cov@1000000000000"] == small["cov@4"]
+
+
+def _tiny_recommender(num_items=30):
+    from pka_ext.rec.data import ItemVocab
+
+    return Recommender(_tiny_model(num_items=num_items).eval(), RunConfig(),
+                       ItemVocab([str(i) for i in range(1, num_items + 1)]))
+
+
+def test_recommend_names_a_bad_batch_size_or_history():
+    rec = _tiny_recommender()
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {bad}"):
+            rec.recommend(["1", "2"], 3, batch_size=bad)
+        with pytest.raises(ValueError, match=rf"batch_size must be a positive integer, got {bad}"):
+            rec.user_vectors([["1", "2"]], batch_size=bad)
+    # One flat history where a list of histories is due: an int is not a history.
+    with pytest.raises(TypeError, match=r"a history must be a list of item ids, oldest first, not "
+                                        r"int \(12\); pass user_vectors a list of histories"):
+        rec.user_vectors([12, 7])
+    for bad in (None, 5, iter(["1", "2"])):
+        with pytest.raises(TypeError, match=r"history must be a list of item ids, or a list of "
+                                            r"such lists, not "):
+            rec.recommend(bad, 3)
+
+
+def test_cli_recommend_says_why_a_known_history_leaves_nothing(tmp_path, capsys):
+    path = _events_csv(tmp_path, bad_line=False)
+    out = str(tmp_path / "run")
+    _train_on_csv(path, out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    # A history of the whole catalogue leaves nothing to recommend: every item is known, so
+    # "no item of --history is known to the model" would send the user after the wrong cause.
+    everything = " ".join(Recommender.load(ckpt).vocab.ids)
+    capsys.readouterr()
+    with pytest.raises(SystemExit, match=r"pka-rec recommend: every item the model knows is in "
+                                         r"--history and left out as seen; --include-seen"):
+        cli_main(["recommend", "--checkpoint", ckpt, "--history", everything, "-k", "3"])
+    cli_main(["recommend", "--checkpoint", ckpt, "--history", everything, "-k", "3",
+              "--include-seen"])
+    assert len(capsys.readouterr().out.split()) == 3
+
+
+def test_cli_recommend_checks_out_before_any_work(tmp_path, monkeypatch):
+    import pka_ext.rec.cli as cli
+
+    path = _events_csv(tmp_path, bad_line=False)
+    out = str(tmp_path / "run")
+    _train_on_csv(path, out)
+    ckpt = os.path.join(out, "checkpoint.pt")
+    # --out is refused before the file is read and every user scored, not after.
+    monkeypatch.setattr(cli, "load_interactions", lambda *a: pytest.fail("read the data first"))
+    original = path.read_text()
+    for bad, match in ((tmp_path, r"is a folder; name a CSV file"),
+                       (tmp_path / "no-such-folder" / "r.csv", r": its folder .* does not exist"),
+                       (path, r"is the --data file"),
+                       (ckpt, r"is the --checkpoint file")):
+        with pytest.raises(SystemExit, match=rf"pka-rec recommend: --out {re.escape(str(bad))} ?"
+                                             rf"{match}"):
+            cli_main(["recommend", "--checkpoint", ckpt, "--data", str(path), "--out", str(bad)])
+    assert path.read_text() == original
+    Recommender.load(ckpt)
+
+
+def test_evaluate_and_recommend_take_the_format_the_suffix_of_data_names(tmp_path, capsys):
+    """README: for another file, --format may be left out where the suffix names it, even when
+    the training run's file had another format (a CSV converted to RecBole's .inter, say)."""
+    path = _events_csv(tmp_path, bad_line=False)
+    out = str(tmp_path / "run")
+    metrics = _train_on_csv(path, out)
+    users, items = zip(*(line.split(";") for line in path.read_text().splitlines()[1:]))
+    inter = tmp_path / "events.inter"
+    inter.write_text("user_id:token\titem_id:token\n"
+                     + "".join(f"{u}\t{i}\n" for u, i in zip(users, items)))
+    ckpt = os.path.join(out, "checkpoint.pt")
+    capsys.readouterr()
+    cli_main(["evaluate", "--checkpoint", ckpt, "--data", str(inter)])
+    assert json.loads(capsys.readouterr().out)["test"] == metrics["test"]
+    cli_main(["recommend", "--checkpoint", ckpt, "--data", str(inter), "-k", "2"])
+    rows = list(csv.reader(capsys.readouterr().out.splitlines()))
+    assert len(rows) == 1 + 150 * 2

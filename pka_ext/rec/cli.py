@@ -158,8 +158,13 @@ def _data_config(args, dc: DataConfig) -> DataConfig:
     changes = {}
     if args.data is not None:
         changes["path"] = args.data
-        if args.format is None and dc.format in ("synthetic", "events"):
-            try:  # no file format to inherit: take the one the suffix names, as train does
+        named = _SUFFIX_FORMATS.get(os.path.splitext(args.data)[1].lower())
+        if args.format is None and named is not None and named != dc.format:
+            # The suffix names this file's format (as in train): the training run's csv columns
+            # and separator described another file, as with a --format that differs.
+            dc = dataclasses.replace(dc, format=named, columns=None, sep=None)
+        elif args.format is None and dc.format in ("synthetic", "events"):
+            try:  # no file format to inherit and none named: train's error, asking for --format
                 changes["format"] = _train_format(args.data, None)
             except ValueError as e:
                 raise SystemExit(f"pka-rec {args.command}: {e}") from None
@@ -189,6 +194,21 @@ def cmd_evaluate(args) -> None:
     print(json.dumps(evaluate_split(rec.model, split, cfg.train, args.device), indent=2))
 
 
+def _check_csv_out(out: str, inputs: dict) -> None:
+    """recommend's --out, checked before the data is read and every user scored: not a folder,
+    in a folder that exists, and not one of the command's own input files (it would be
+    overwritten)."""
+    if os.path.isdir(out):
+        raise SystemExit(f"pka-rec recommend: --out {out} is a folder; name a CSV file, such as "
+                         f"{os.path.join(out, 'recs.csv')}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise SystemExit(f"pka-rec recommend: --out {out}: its folder {folder} does not exist")
+    for flag, path in inputs.items():
+        if path and os.path.exists(out) and os.path.exists(path) and os.path.samefile(out, path):
+            raise SystemExit(f"pka-rec recommend: --out {out} is the {flag} file")
+
+
 def cmd_recommend(args) -> None:
     rec = Recommender.load(args.checkpoint, args.device)
     if not 1 <= args.k <= len(rec.vocab):
@@ -200,11 +220,18 @@ def cmd_recommend(args) -> None:
                                           ("--out", args.out != "-")) if value]
         if given:
             raise SystemExit(f"pka-rec recommend: {', '.join(given)} apply to --data, not --history")
-        top = rec.recommend(args.history.split(), args.k, exclude_seen=exclude_seen)
+        history = args.history.split()
+        top = rec.recommend(history, args.k, exclude_seen=exclude_seen)
         if not top:  # not an empty line and success
+            if any(item in rec.vocab.index for item in history):
+                # Known items, all of them left out as seen: a different cause, a different fix.
+                raise SystemExit("pka-rec recommend: every item the model knows is in --history "
+                                 "and left out as seen; --include-seen allows them")
             raise SystemExit("pka-rec recommend: no item of --history is known to the model")
         print(" ".join(top))
         return
+    if args.out != "-":
+        _check_csv_out(args.out, {"--data": args.data, "--checkpoint": args.checkpoint})
     data = load_interactions(_data_config(args, rec.config.data), rec.config.train.seed)
     histories = [data.vocab.decode(s) for s in data.sequences]
     recs = rec.recommend(histories, args.k, exclude_seen=exclude_seen, with_scores=True)

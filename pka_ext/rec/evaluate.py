@@ -41,6 +41,9 @@ def hit_ndcg(higher: torch.Tensor, ties: torch.Tensor, k: int) -> tuple[torch.Te
     order: the target's 0-based rank is uniform on ``higher ... higher + ties``. So a constant model
     gets what a random ranking would, rather than every target counted at the top of its tie.
     """
+    # Ranks past the last one an event can take change nothing, so a cutoff beyond the catalogue
+    # (--report-k 1000000000, say) must not build a discount table of its length.
+    k = min(k, int((higher + ties).max()) + 1 if higher.numel() else 1)
     discount = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64, device=higher.device) + 2)
     gain_before = torch.cat([discount.new_zeros(1), discount.cumsum(0)])  # [k + 1]: ranks < m
     lo = higher.clamp(max=k)

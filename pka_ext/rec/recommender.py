@@ -5,6 +5,7 @@ from __future__ import annotations
 import numbers
 import os
 import warnings
+from collections.abc import Iterable
 
 import numpy as np
 import torch
@@ -65,6 +66,12 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     return ckpt
 
 
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
+            or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+
+
 class Recommender:
     """A trained model with its id maps; recommends original item ids for raw histories."""
 
@@ -93,6 +100,11 @@ class Recommender:
                 raise TypeError(f"a history must be a list of item ids, oldest first, not a string "
                                 f"({h!r}); split it first, e.g. {h!r}.split(), and pass "
                                 f"user_vectors a list of histories")
+            if not isinstance(h, Iterable):
+                # An int here is one history passed where a list of histories is due.
+                raise TypeError(f"a history must be a list of item ids, oldest first, not "
+                                f"{type(h).__name__} ({h!r}); pass user_vectors a list of "
+                                f"histories")
             raw = [str(x) for x in h]
             enc = self.vocab.encode(raw, unknown="skip")
             if len(enc) < len(raw):
@@ -121,6 +133,7 @@ class Recommender:
         ``histories``: lists of original item ids, oldest first (unknown ids skipped with a
         warning). A history with no known item gives a zero vector, which scores every item 0.
         """
+        _check_batch_size(batch_size)
         contexts = self._encode_histories(histories)
         out = np.zeros((len(contexts), self.model.cfg.hidden), dtype=np.float32)
         for rows, h in encode_contexts(self.model, contexts, self.device, batch_size):
@@ -150,10 +163,23 @@ class Recommender:
             Best first. A history with no item known to the model gets an empty list (the model
             has nothing to condition on), with a warning; one that covers all but a few items of
             the catalogue gets fewer than ``k`` when ``exclude_seen`` leaves fewer.
+
+        Raises
+        ------
+        ValueError
+            If ``k`` is outside ``1..len(vocab)`` or ``batch_size`` is not a positive integer.
+        TypeError
+            If ``history`` is not a list (an iterator, a scalar) or a history is a string.
         """
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
                 or not 1 <= k <= len(self.vocab):
             raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
+        _check_batch_size(batch_size)
+        if not hasattr(history, "__len__") or not hasattr(history, "__getitem__"):
+            # One history and a batch are told apart by their first element, which an iterator
+            # or a scalar does not have.
+            raise TypeError(f"history must be a list of item ids, or a list of such lists, not "
+                            f"{type(history).__name__} ({history!r})")
         single = len(history) == 0 or not isinstance(history[0], (list, tuple, np.ndarray))
         histories = [history] if single else list(history)
         contexts = self._encode_histories(histories)

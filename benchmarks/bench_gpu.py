@@ -19,6 +19,8 @@ cache flushed before every run, the median of --repeats runs of
 The HBM floor is the minimal traffic (forward: read q, k, v, write out and fp32 lse; backward: read
 q, k, v, out, dout, lse, write dq, dk, dv, da_k, da_v; kernels counted once) divided by the
 device-to-device copy bandwidth measured in the same run.
+An implementation that fails at a shape and leaves the device usable (out of memory, a failed check)
+is listed as failed, "-" in the tables, and the run goes on; the exit code is then 1.
 """
 
 from __future__ import annotations
@@ -95,6 +97,16 @@ def with_env(env: dict[str, str], fn):
     return run
 
 
+def cuda_usable() -> bool:
+    """Whether the device still runs work: false after a sticky error (an illegal address loses the
+    context), true after one that leaves it intact (out of memory, a failed check in the op)."""
+    try:
+        torch.cuda.synchronize()
+    except Exception:  # noqa: BLE001 (torch.AcceleratorError, or no device at all)
+        return False
+    return True
+
+
 MAIN = ("fused", "unfused", "composition")
 VARIANTS = ("fwd4", "fwd8", "smem_scores", "bwd4", "bwd8", "batch_order", "split", "workspace")
 
@@ -120,9 +132,6 @@ def bench_shape(shape, dtype, timer: Timer, bw: float, names) -> dict:
     row = dict(shape, dtype=str(dtype).replace("torch.", ""))
     for name in names:
         env, fn, modes = impls[name]
-        if "fwd" in modes:
-            with torch.no_grad():
-                row[f"fwd_ms_{name}"] = timer(with_env(env, fn))
 
         def fwd_bwd(fn=fn):
             out = fn()
@@ -130,8 +139,19 @@ def bench_shape(shape, dtype, timer: Timer, bw: float, names) -> dict:
             for t in (q, k, v, a_k, a_v):
                 t.grad = None
 
-        if "fwdbwd" in modes:
-            row[f"fwdbwd_ms_{name}"] = timer(with_env(env, fwd_bwd))
+        try:
+            if "fwd" in modes:
+                with torch.no_grad():
+                    row[f"fwd_ms_{name}"] = timer(with_env(env, fn))
+            if "fwdbwd" in modes:
+                row[f"fwdbwd_ms_{name}"] = timer(with_env(env, fwd_bwd))
+        except Exception as err:
+            # Out of memory or a failed check costs this implementation at this shape only; after a
+            # sticky error nothing more can run (the rows written so far stay).
+            if not cuda_usable():
+                raise
+            row[f"error_{name}"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            print(f"{shape} {name}: {row[f'error_{name}']}", flush=True)
     fwd_b, total_b = floor_bytes(B, H, T, d, q.element_size())
     row["fwd_floor_ms"] = fwd_b / bw * 1e3
     row["fwdbwd_floor_ms"] = total_b / bw * 1e3
@@ -158,15 +178,25 @@ def main():
     for shape in SHAPES:
         rows.append(bench_shape(shape, dtype, timer, bw, MAIN))
         r = rows[-1]
-        print(f"{shape}: fwd fused {r['fwd_ms_fused']:.3f} ms, composition {r['fwd_ms_composition']:.3f}"
-              f" ms; fwd+bwd fused {r['fwdbwd_ms_fused']:.3f}, composition "
-              f"{r['fwdbwd_ms_composition']:.3f}", flush=True)
+        print(f"{shape}: fwd fused {_ms(r, 'fwd_ms_fused')} ms, composition "
+              f"{_ms(r, 'fwd_ms_composition')} ms; fwd+bwd fused {_ms(r, 'fwdbwd_ms_fused')}, "
+              f"composition {_ms(r, 'fwdbwd_ms_composition')}", flush=True)
         md = report(rows, bw, info, args)
     for row, shape in zip(rows, SHAPES):
         row.update(bench_shape(shape, dtype, timer, bw, VARIANTS))
         print(f"{shape}: variants timed", flush=True)
         md = report(rows, bw, info, args)
     print(md)
+    if any(key.startswith("error_") for r in rows for key in r):  # an exit code the summary shows
+        raise SystemExit("bench_gpu.py: some timings failed (listed in the report)")
+
+
+def _ms(r, key) -> str:
+    return f"{r[key]:.3f}" if key in r else "-"
+
+
+def _ratio(r, num, den) -> str:
+    return f"{r[num] / r[den]:.2f}x" if num in r and den in r else "-"
 
 
 def report(rows, bw, info, args) -> str:
@@ -180,12 +210,12 @@ def report(rows, bw, info, args) -> str:
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         md.append(
-            f"| {r['B']} | {r['H']} | {r['T']} | {r['d']} | {r['fwd_ms_fused']:.3f} | "
-            f"{r['fwd_ms_unfused']:.3f} | {r['fwd_ms_composition']:.3f} | "
-            f"{r['fwd_ms_composition'] / r['fwd_ms_fused']:.2f}x | {r['fwd_ms_fused'] / r['fwd_floor_ms']:.2f}x | "
-            f"{r['fwdbwd_ms_fused']:.3f} | {r['fwdbwd_ms_unfused']:.3f} | {r['fwdbwd_ms_composition']:.3f} | "
-            f"{r['fwdbwd_ms_composition'] / r['fwdbwd_ms_fused']:.2f}x | "
-            f"{r['fwdbwd_ms_fused'] / r['fwdbwd_floor_ms']:.2f}x |")
+            f"| {r['B']} | {r['H']} | {r['T']} | {r['d']} | {_ms(r, 'fwd_ms_fused')} | "
+            f"{_ms(r, 'fwd_ms_unfused')} | {_ms(r, 'fwd_ms_composition')} | "
+            f"{_ratio(r, 'fwd_ms_composition', 'fwd_ms_fused')} | {_ratio(r, 'fwd_ms_fused', 'fwd_floor_ms')} | "
+            f"{_ms(r, 'fwdbwd_ms_fused')} | {_ms(r, 'fwdbwd_ms_unfused')} | {_ms(r, 'fwdbwd_ms_composition')} | "
+            f"{_ratio(r, 'fwdbwd_ms_composition', 'fwdbwd_ms_fused')} | "
+            f"{_ratio(r, 'fwdbwd_ms_fused', 'fwdbwd_floor_ms')} |")
     md += ["", "Variants of the fused kernels (ms; the table above uses the defaults: 4 warps per "
            "forward block unless one block would have its SM to itself, the 16-bit scores on "
            "mma.sync registers, 8 per backward block where they fit, blocks longest sequence "
@@ -199,12 +229,16 @@ def report(rows, bw, info, args) -> str:
     columns = ("fwd_ms_fwd4", "fwd_ms_fwd8", "fwd_ms_smem_scores", "fwdbwd_ms_smem_scores",
                "fwdbwd_ms_bwd4", "fwdbwd_ms_bwd8", "fwd_ms_batch_order", "fwdbwd_ms_batch_order",
                "fwd_ms_split", "fwdbwd_ms_split", "fwd_ms_workspace", "fwdbwd_ms_workspace")
-    varied = [r for r in rows if all(c in r for c in columns)]
-    md += [f"| {r['T']} | {r['d']} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |"
-           for r in varied]
-    if len(rows) < len(SHAPES) or len(varied) < len(SHAPES):
+    tried = [r for r in rows if any(c in r for c in columns) or
+             any(f"error_{name}" in r for name in VARIANTS)]
+    md += [f"| {r['T']} | {r['d']} | " + " | ".join(_ms(r, c) for c in columns) + " |" for r in tried]
+    failed = [f"T={r['T']}, d={r['d']}, {key[len('error_'):]}: {msg}"
+              for r in rows for key, msg in r.items() if key.startswith("error_")]
+    if failed:
+        md += ["", "Failed (- in the tables):", "", *(f"- {line}" for line in failed)]
+    if len(rows) < len(SHAPES) or len(tried) < len(SHAPES):
         md += ["", f"Partial: {len(rows)} of {len(SHAPES)} shapes in the main table, "
-               f"{len(varied)} with their variants."]
+               f"{len(tried)} with their variants."]
     md += ["", "Targets (headline row): fwd >= 1.5x vs composition and <= 1.5x the HBM floor; "
            "fwd+bwd >= 1.8x vs composition and <= 1.5x the HBM floor."]
     write_results(f"gpu_op_{args.dtype}", {"machine": info, "copy_bandwidth_Bps": bw, "rows": rows},

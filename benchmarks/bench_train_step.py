@@ -25,10 +25,20 @@ from common import command_line, describe, interleaved_times, machine_info, writ
 
 from pka_ext.rec.config import ModelConfig, TrainConfig  # noqa: E402
 from pka_ext.rec.models import SeqRecModel  # noqa: E402
-from pka_ext.rec.train import head_loss, make_optimizer, next_item_loss  # noqa: E402
+from pka_ext.rec.train import head_loss, make_optimizer, next_item_loss, training_arrays  # noqa: E402
 
 
 PHASES = ("backbone", "scores + loss", "backward", "optimizer")
+
+
+def make_batch(batch: int, max_len: int, items: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets [batch, max_len] of random sequences whose inputs have lengths uniform in
+    [1, max_len], laid out as training gives them (training_arrays): a target at every real input
+    position and nowhere else."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, max_len + 1, batch)
+    x, y = training_arrays([rng.integers(1, items + 1, L + 1) for L in lengths], max_len)
+    return torch.from_numpy(x), torch.from_numpy(y)
 
 
 def phase_times(model, opt, x, y, cfg, args) -> dict[str, float]:
@@ -73,14 +83,8 @@ def main():
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
-    rng = np.random.default_rng(0)
     B, T = args.batch, args.max_len
-    lengths = rng.integers(1, T + 1, B)
-    seqs = np.zeros((B, T + 1), dtype=np.int64)
-    for b, L in enumerate(lengths):
-        seqs[b, T + 1 - (L + 1):] = rng.integers(1, args.items + 1, L + 1)
-    x = torch.from_numpy(seqs[:, :-1]).to(args.device)
-    y = torch.from_numpy(seqs[:, 1:]).to(args.device)
+    x, y = (t.to(args.device) for t in make_batch(B, T, args.items))
     cfg = TrainConfig(device=args.device)
     models, steps = {}, {}
     for name in ("psa", "sasrec", "nope", "rope"):

@@ -10,6 +10,7 @@ import sys
 import tarfile
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "benchmarks", "gpu_check.sh")
@@ -174,6 +175,7 @@ def test_bench_gpu_keeps_the_main_table_when_a_variant_fails(tmp_path, monkeypat
     monkeypatch.setattr(bench_gpu, "make_inputs",
                         lambda B, H, T, d, **kw: real_make_inputs(1, 1, 2, 2, dtype=kw["dtype"]))
     monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu, "cuda_usable", lambda: False)  # the error is sticky
     monkeypatch.setattr(bench_gpu, "machine_info", lambda: {"gpu": "stub", "torch": "stub",
                                                             "python": "stub", "date": "stub"})
     monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path)])
@@ -184,3 +186,79 @@ def test_bench_gpu_keeps_the_main_table_when_a_variant_fails(tmp_path, monkeypat
     assert all(r["fwdbwd_ms_composition"] == 1.0 and "fwd_ms_fwd4" not in r for r in rows)
     md = (tmp_path / "gpu_op_bfloat16.md").read_text()
     assert f"Partial: {len(rows)} of {len(rows)} shapes in the main table, 0 with their variants." in md
+
+
+def test_train_step_batch_has_targets_only_at_real_inputs(monkeypatch):
+    """bench_train_step.py's batch as training lays it out (pka_ext.rec.train.training_arrays): a
+    target at every real input position and nowhere else, each the next input; input lengths
+    uniform in [1, T]. (Its batch had one extra target per sequence, at the padded position before
+    the first item.)"""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import bench_train_step
+
+    x, y = bench_train_step.make_batch(128, 50, 12101)
+    assert x.shape == y.shape == (128, 50) and x.dtype == y.dtype == torch.int64
+    assert torch.equal(x != 0, y != 0)
+    both = (x[:, 1:] != 0) & (y[:, :-1] != 0)
+    assert torch.equal(y[:, :-1][both], x[:, 1:][both])
+    lengths = (x != 0).sum(1)
+    assert lengths.min() >= 1 and lengths.max() <= 50 and (x.max() <= 12101)
+    # Left-padded: the real items are the last `length` positions.
+    assert torch.equal(x != 0, torch.arange(50) >= (50 - lengths)[:, None])
+
+
+def test_bench_gpu_goes_on_past_an_error_that_leaves_the_device_usable(tmp_path, monkeypatch):
+    """An out-of-memory error (or a failed check) in one implementation at one shape costs that
+    entry only: every other shape, implementation and variant is still timed, the failure is named
+    in the report and the exit code, and speed_report.py's chart leaves the missing point out."""
+    monkeypatch.syspath_prepend(os.path.join(REPO, "benchmarks"))
+    import bench_gpu
+    import speed_report
+
+    class StubTimer:
+        def __init__(self, repeats):
+            pass
+
+        def __call__(self, fn):
+            fn()  # the stand-in op below raises where the real one would
+            return 1.0
+
+    real_make_inputs, real_op = bench_gpu.make_inputs, bench_gpu.pka_ext.pka_attention
+    current = {}
+
+    def make_inputs(B, H, T, d, **kw):
+        current.update(T=T, d=d)
+        return real_make_inputs(1, 1, 2, 2, dtype=torch.float32)
+
+    def op(*args, **kwargs):
+        if current == {"T": 512, "d": 64} and os.environ.get("PKA_FUSED_WORKSPACE") is None \
+                and os.environ.get("PKA_CUDA_UNFUSED") is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_op(*args, **kwargs)
+
+    monkeypatch.setattr(bench_gpu, "Timer", StubTimer)
+    monkeypatch.setattr(bench_gpu, "copy_bandwidth", lambda timer: 4e12)
+    monkeypatch.setattr(bench_gpu, "make_inputs", make_inputs)
+    monkeypatch.setattr(bench_gpu.pka_ext, "pka_attention", op)
+    monkeypatch.setattr(bench_gpu, "cuda_usable", lambda: True)
+    monkeypatch.setattr(bench_gpu.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench_gpu, "machine_info", lambda: {"gpu": "stub", "torch": "stub",
+                                                            "python": "stub", "date": "stub"})
+    monkeypatch.setattr(sys, "argv", ["bench_gpu.py", "--out", str(tmp_path / "gpu")])
+    with pytest.raises(SystemExit, match="some timings failed"):  # gpu_check.sh's summary shows it
+        bench_gpu.main()
+    rows = json.loads((tmp_path / "gpu" / "gpu_op_bfloat16.json").read_text())["rows"]
+    assert [(r["T"], r["d"]) for r in rows] == [(s["T"], s["d"]) for s in bench_gpu.SHAPES]
+    failed = next(r for r in rows if r["T"] == 512)
+    assert "fwd_ms_fused" not in failed and "fwdbwd_ms_fused" not in failed
+    assert failed["error_fused"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert failed["fwd_ms_unfused"] == failed["fwdbwd_ms_composition"] == 1.0
+    assert "fwd_ms_fwd4" not in failed and "error_fwd4" in failed and failed["fwd_ms_workspace"] == 1.0
+    assert all("fwd_ms_fused" in r and "fwd_ms_fwd4" in r for r in rows if r is not failed)
+    md = (tmp_path / "gpu" / "gpu_op_bfloat16.md").read_text()
+    assert "| 256 | 2 | 512 | 64 | - | 1.000 | 1.000 | - | - | - | 1.000 | 1.000 | - | - |" in md
+    assert "- T=512, d=64, fused: OutOfMemoryError: CUDA out of memory" in md
+    assert "Partial" not in md
+    monkeypatch.setattr(speed_report, "RESULTS", str(tmp_path))
+    assert speed_report.gpu_chart(str(tmp_path / "gpu" / "gpu_op_bfloat16.json"))
+    assert (tmp_path / "speed_gpu_time_vs_T.png").exists()

@@ -884,3 +884,21 @@ def test_evaluate_and_recommend_take_the_format_the_suffix_of_data_names(tmp_pat
     cli_main(["recommend", "--checkpoint", ckpt, "--data", str(inter), "-k", "2"])
     rows = list(csv.reader(capsys.readouterr().out.splitlines()))
     assert len(rows) == 1 + 150 * 2
+
+
+def test_cli_recommend_piped_into_a_reader_that_stops_early_is_quiet(tmp_path):
+    """``pka-rec recommend --data ... | head``: the closed pipe ends the command without the
+    '[Errno 32] Broken pipe' message an OSError would print."""
+    path = _events_csv(tmp_path, bad_line=False)
+    out = str(tmp_path / "run")
+    _train_on_csv(path, out)
+    cmd = [sys.executable, "-m", "pka_ext.rec", "recommend", "--checkpoint",
+           os.path.join(out, "checkpoint.pt"), "--data", str(path), "-k", "40", "--include-seen"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # 6,000 rows, well past a pipe's buffer, so the writer meets the closed pipe.
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE) as proc:
+        assert proc.stdout.readline().rstrip() == b"user,rank,item,score"
+        proc.stdout.close()
+        err = proc.stderr.read().decode()
+        assert proc.wait(timeout=300) == 1
+    assert err == ""

@@ -428,6 +428,11 @@ def main(argv=None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.fn(args)
+    except BrokenPipeError:
+        # The reader of stdout stopped early (`| head`): as with any filter, no message. stdout goes
+        # to /dev/null so that the interpreter's flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
     # The user's files (named, with the line for data) or a diverged run, not our code: a
     # message, no traceback.
     except (DataError, CheckpointError, OSError, TrainingDiverged) as e:

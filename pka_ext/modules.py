@@ -30,7 +30,10 @@ def as_lengths(lengths, device=None) -> torch.Tensor | None:
     if lengths is None:
         return None
     lengths = torch.as_tensor(lengths, device=device)
-    if lengths.dtype == torch.bool or lengths.dtype.is_floating_point or lengths.is_complex():
+    # An empty batch's lengths ([], torch.tensor([]), np.array([])) come out in the default float
+    # dtype, as nothing says otherwise; with no elements there is no non-integer to refuse.
+    if lengths.numel() and (lengths.dtype == torch.bool or lengths.dtype.is_floating_point
+                            or lengths.is_complex()):
         raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
     return lengths.long()
 

@@ -8,6 +8,8 @@ first, as most NLP-style collators do) convert on the way in and, if they need t
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 
@@ -18,23 +20,32 @@ def _check(x, lengths) -> torch.Tensor:
         raise ValueError(f"x must be [B, T, ...] (batch, then time), got shape {tuple(x.shape)}")
     B, T = x.shape[:2]
     lengths = torch.as_tensor(lengths)
-    if lengths.dtype == torch.bool or lengths.is_floating_point() or lengths.is_complex():
+    # An empty batch's lengths ([], torch.tensor([]), np.array([])) come out in the default float
+    # dtype, as nothing says otherwise; with no elements there is no non-integer to refuse.
+    if lengths.numel() and (lengths.dtype == torch.bool or lengths.is_floating_point()
+                            or lengths.is_complex()):
         raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B] = [{B}] to match x of shape {tuple(x.shape)}, "
                          f"got shape {tuple(lengths.shape)}")
+    # Widened first, as the modules do: uint64 (numpy's unsigned counts) has no comparisons in torch.
+    # A uint64 length of 2**63 or more wraps negative here and is refused like any other.
+    wide = lengths.long()
     # Read on the host (a synchronisation for CUDA lengths): an out-of-range length would otherwise
     # shift a sequence partly out of the batch without a word.
-    bad = ((lengths < 0) | (lengths > T)).nonzero()
+    bad = ((wide < 0) | (wide > T)).nonzero()
     if bad.numel():
         i = int(bad[0, 0])
-        raise ValueError(f"lengths[{i}] = {int(lengths[i])} is outside [0, T] = [0, {T}]")
-    return lengths.to(device=x.device, dtype=torch.long)
+        value = int(wide[i]) + (2**64 if lengths.dtype == torch.uint64 and wide[i] < 0 else 0)
+        raise ValueError(f"lengths[{i}] = {value} is outside [0, T] = [0, {T}]")
+    return wide.to(x.device)
 
 
 def _fill(x: torch.Tensor, pad_value) -> torch.Tensor:
     """pad_value as a scalar tensor of x's dtype (on the CPU: a scalar to any device, no
     synchronisation), refusing a value an integer dtype would change."""
+    if isinstance(pad_value, numbers.Number) and hasattr(pad_value, "item"):
+        pad_value = pad_value.item()  # a numpy scalar (a vocabulary's pad id) as its Python number
     if isinstance(pad_value, torch.Tensor) or not isinstance(pad_value, (int, float, bool)):
         raise TypeError(f"pad_value must be a Python number, got {type(pad_value).__name__}")
     try:

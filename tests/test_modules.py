@@ -294,3 +294,21 @@ def test_dropout_only_in_training():
     assert torch.equal(m(x), m(x))
     m.train()
     assert not torch.equal(m(x), m(x))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_empty_batch_takes_lengths_as_an_empty_list(backend):
+    # [] (a collator's lengths for an empty batch) becomes a float32 tensor, torch's default dtype
+    # for no data; it was refused as "lengths must hold integers, got torch.float32".
+    np = pytest.importorskip("numpy")
+    m = PKATransformer(1, 8, 2, max_len=5, backend=backend)
+    x = torch.randn(0, 5, 8, requires_grad=True)
+    for lengths in ([], torch.tensor([]), np.array([])):
+        out = m(x, lengths)
+        assert out.shape == (0, 5, 8)
+        out.sum().backward()
+    att = PKAttention(8, 2, max_len=5, backend=backend)
+    A = torch.eye(5)
+    assert att(x, None, [], key_kernel=A, value_kernel=A).shape == (0, 5, 8)
+    with pytest.raises(TypeError, match="lengths must hold integers, got torch.float32"):
+        m(torch.randn(1, 5, 8), [5.0])

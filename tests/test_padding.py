@@ -84,3 +84,36 @@ def test_transformer_on_a_right_padded_batch_equals_each_sequence_alone():
 def test_bad_arguments_are_named(call, match):
     with pytest.raises((TypeError, ValueError), match=match):
         call()
+
+
+def test_lengths_of_an_empty_batch_and_unsigned_lengths():
+    # [] for an empty batch comes out as float32 (torch's default for no data) and was refused as
+    # non-integer; uint64 lengths (numpy's unsigned counts), which the modules take, failed with
+    # torch's "lt_cpu not implemented for 'UInt64'".
+    np = pytest.importorskip("numpy")
+    for lengths in ([], np.array([])):
+        assert to_left_padding(torch.zeros(0, 4, 2), lengths).shape == (0, 4, 2)
+        assert to_right_padding(torch.zeros(0, 4, 2), lengths).shape == (0, 4, 2)
+    x = torch.arange(1, 9).view(2, 4)
+    expected = to_left_padding(x, [1, 3])
+    for lengths in (np.array([1, 3], dtype=np.uint64), torch.tensor([1, 3], dtype=torch.uint64)):
+        assert torch.equal(to_left_padding(x, lengths), expected)
+        assert torch.equal(to_right_padding(expected, lengths), to_right_padding(expected, [1, 3]))
+    # Past 2**63 a uint64 length is still refused, and named as the caller wrote it.
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 9223372036854775809 is outside"):
+        to_left_padding(x, torch.tensor([2**63 + 1, 3], dtype=torch.uint64))
+    with pytest.raises(TypeError, match="lengths must hold integers"):
+        to_left_padding(x, np.array([1.0, 3.0]))
+
+
+def test_numpy_scalar_pad_value():
+    # A pad id read from numpy (a vocabulary array) is a number; it was refused as not "a Python
+    # number", while a value its dtype cannot hold is still refused.
+    np = pytest.importorskip("numpy")
+    x = torch.arange(1, 9).view(2, 4)
+    assert torch.equal(to_left_padding(x, [1, 3], pad_value=np.int64(-1)),
+                       to_left_padding(x, [1, 3], pad_value=-1))
+    assert torch.equal(to_left_padding(x.float(), [1, 3], pad_value=np.float32(0.5)),
+                       to_left_padding(x.float(), [1, 3], pad_value=0.5))
+    with pytest.raises(ValueError, match="pad_value=0.5 is not representable"):
+        to_left_padding(x, [1, 3], pad_value=np.float64(0.5))

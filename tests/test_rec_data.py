@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from pathlib import Path
 
@@ -537,6 +538,11 @@ def test_synthetic_rejects_bad_arguments():
         make_synthetic(min_len=5, max_len=4)
     with pytest.raises(ValueError, match="num_users"):
         make_synthetic(num_users=0)
+    # NaN fails every comparison: p_next=nan used to give sequences of jumps only.
+    for kw, name in ((dict(p_next=math.nan), "p_next"), (dict(p_lag2=math.nan), "p_lag2"),
+                     (dict(zipf_a=math.nan), "zipf_a")):
+        with pytest.raises(ValueError, match=name):
+            make_synthetic(num_users=10, num_items=20, **kw)
 
 
 # --- real data (optional) -----------------------------------------------------------------------

@@ -902,3 +902,104 @@ def test_cli_recommend_piped_into_a_reader_that_stops_early_is_quiet(tmp_path):
         err = proc.stderr.read().decode()
         assert proc.wait(timeout=300) == 1
     assert err == ""
+
+
+@pytest.mark.parametrize("cls,kw,match", [
+    # A string is truthy whatever it says: "false" used to share the key kernel.
+    (ModelConfig, {"share_key_kernel": "false"}, "share_key_kernel must be True or False, got 'false'"),
+    (ModelConfig, {"normalize_kernels": None}, "normalize_kernels must be True or False, got None"),
+    (TrainConfig, {"amp": "no"}, "amp must be True or False, got 'no'"),
+    (DataConfig, {"skip_bad": 1}, "skip_bad must be True or False, got 1"),
+    (DataConfig, {"format": "csv", "columns": ["user", 2]},
+     r"columns must be a list of column names, got \['user', 2\]"),
+    (DataConfig, {"format": "csv", "columns": "ui"}, "columns must be a list of column names, got 'ui'"),
+    (DataConfig, {"format": "csv", "sep": 9}, "sep must be one character, got 9"),
+    (DataConfig, {"format": "csv", "path": 5}, "path must be a file path or None, got 5"),
+    (DataConfig, {"name": 5}, "name must be a string or None, got 5"),
+    (RunConfig, {"train": DataConfig()}, "train must be a TrainConfig, got DataConfig"),
+])
+def test_configs_name_fields_of_the_wrong_type(cls, kw, match):
+    with pytest.raises(ValueError, match=match):
+        cls(**kw)
+
+
+def test_rope_needs_an_even_head_dim_before_any_work(tmp_path):
+    """Refused by ModelConfig, not by the model built after the data was read and split (a
+    traceback from pka-rec train, and an empty output folder)."""
+    with pytest.raises(ValueError, match=r"model 'rope' rotates pairs of dimensions, so "
+                                         r"hidden / num_heads must be even, got hidden=6, "
+                                         r"num_heads=2"):
+        ModelConfig(model="rope", hidden=6, num_heads=2)
+    out = tmp_path / "rope"
+    with pytest.raises(SystemExit, match="pka-rec train: model 'rope' rotates pairs"):
+        cli_main(["train", "--model", "rope", "--hidden", "6", "--heads", "2", "--out", str(out)])
+    assert not out.exists()
+    assert ModelConfig(model="rope", hidden=8, num_heads=2).hidden == 8
+    assert ModelConfig(model="psa", hidden=6, num_heads=2).hidden == 6  # only rope pairs them
+
+
+def test_numpy_values_and_paths_round_trip_through_json_and_the_checkpoint(tmp_path):
+    """Numpy scalars (a sweep over np.arange, say) pass the checks; kept as such, json could not
+    write metrics.json when training had finished, and the checkpoint could not be loaded."""
+    from pathlib import Path
+
+    from pka_ext.rec import Interactions, make_synthetic, train_run
+    from pka_ext.rec.recommender import load_checkpoint
+
+    cfg = RunConfig(ModelConfig(hidden=np.int64(16), max_len=np.int32(10),
+                                dropout=np.float64(0.1), share_key_kernel=np.bool_(True)),
+                    TrainConfig(epochs=np.int64(1), lr=np.float32(1e-3), amp=np.bool_(False),
+                                report_ks=list(np.array([5, 10]))),
+                    DataConfig(protocol=np.str_("loo"), name=np.str_("syn")))
+    plain = [type(v) for v in (cfg.model.hidden, cfg.model.dropout, cfg.model.share_key_kernel,
+                               cfg.train.lr, cfg.train.amp, *cfg.train.report_ks,
+                               cfg.data.protocol, cfg.data.name)]
+    assert plain == [int, float, bool, float, bool, int, int, str, str]
+    assert cfg.train.lr == float(np.float32(1e-3))  # the value given, as a Python float
+    data: Interactions = make_synthetic(num_users=60, num_items=30, min_len=4, max_len=10)
+    metrics = train_run(cfg, str(tmp_path / "run"), data=data, progress=False, log=lambda *a: None)
+    with open(tmp_path / "run" / "metrics.json") as f:
+        assert json.load(f)["config"] == metrics["config"] == cfg.to_dict()
+    saved = RunConfig.from_dict(load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))["config"])
+    assert saved == cfg and RunConfig.from_json(cfg.to_json()) == cfg
+    assert Recommender.load(str(tmp_path / "run" / "checkpoint.pt")).recommend(["1"], 3)
+    # A pathlib.Path is a path: kept as its string (it had no .rstrip for dataset_name, and json
+    # could not write it).
+    dc = DataConfig(format="csv", path=Path("/data/events.csv"))
+    assert dc.path == "/data/events.csv" and dc.dataset_name == "events"
+    assert RunConfig.from_json(RunConfig(data=dc).to_json()).data == dc
+
+
+def test_train_run_names_an_unavailable_device_before_any_work(tmp_path):
+    from pka_ext.rec import make_synthetic, train_run
+
+    device = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, or any GPU on a CPU host
+    cfg = RunConfig(ModelConfig(max_len=10), TrainConfig(epochs=1, device=device))
+    out = tmp_path / "run"
+    with pytest.raises(ValueError, match=rf"device {device!r} is not available here"):
+        train_run(cfg, str(out), data=make_synthetic(num_users=60, num_items=30, max_len=10))
+    assert not out.exists()
+
+
+def test_plot_kernels_without_a_history_as_long_as_max_len_draws_the_kernels(tmp_path, capsys):
+    """README: train on the built-in data with the defaults (max_len 50), then plot-kernels. The
+    built-in histories have at most 40 items, too few for the attention map, which used to stop
+    the command with no picture; the kernels are drawn and the map is left out with a warning."""
+    from pka_ext.rec import make_synthetic
+    from pka_ext.rec.recommender import save_checkpoint
+
+    data = make_synthetic()
+    cfg = RunConfig()  # pka-rec train's defaults
+    cfg.model.num_items = data.num_items
+    ckpt, png = str(tmp_path / "checkpoint.pt"), str(tmp_path / "kernels.png")
+    save_checkpoint(ckpt, SeqRecModel(cfg.model), cfg, data.id_maps())
+    with pytest.warns(UserWarning, match=r"no history has at least max_len=50 items \(the "
+                                         r"longest has 40\); the mean attention map is left out"):
+        cli_main(["plot-kernels", "--checkpoint", ckpt, "--out", png])
+    assert os.path.getsize(png) > 10_000
+    # A model with no kernels has nothing else to draw: still an error.
+    cfg.model = ModelConfig(model="sasrec", num_items=data.num_items)
+    save_checkpoint(ckpt, SeqRecModel(cfg.model), cfg, data.id_maps())
+    with pytest.raises(SystemExit, match="pka-rec plot-kernels: no history has at least "
+                                         "max_len=50 items"):
+        cli_main(["plot-kernels", "--checkpoint", ckpt, "--out", png])

@@ -6,7 +6,10 @@ import dataclasses
 import json
 import math
 import numbers
+import os
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from pka_ext.modules import BACKENDS
 from pka_ext.rec.data import FORMATS
@@ -27,8 +30,31 @@ def _int_at_least(minimum: int):
     return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
 
 
+def _flag(v) -> bool:
+    """True or False (numpy's too); any other value, a string such as "false" above all, would
+    be taken for its truth value."""
+    return isinstance(v, (bool, np.bool_))
+
+
+def _optional_str(v) -> bool:
+    return v is None or isinstance(v, str)
+
+
+def _plain(cfg, kind, names) -> None:
+    """Stores fields ``names`` of ``cfg`` (checked already) as Python ``kind`` values.
+
+    Numpy scalars pass the checks (a sweep over ``np.arange``, say), but json cannot write them
+    and the checkpoint loader (``torch.load`` with ``weights_only``) refuses them: the run would
+    fail writing metrics.json once training had finished, leaving a checkpoint nothing can load.
+    """
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None:
+            setattr(cfg, name, kind(value))
+
+
 def _device_name(v) -> bool:
-    """A device string this code can train on (whether this machine has it is checked later)."""
+    """A device string this code can train on (whether this machine has it: runner.check_device)."""
     import torch
 
     try:
@@ -81,6 +107,14 @@ class ModelConfig:
         for name, allowed in (("model", MODELS), ("block", BLOCKS), ("key_kernel", KERNELS),
                               ("value_kernel", KERNELS), ("backend", BACKENDS)):
             _require(self, name, allowed.__contains__, f"one of {allowed}")
+        for name in ("share_key_kernel", "share_value_kernel", "normalize_kernels",
+                     "add_positional_embedding"):
+            _require(self, name, _flag, "True or False")
+        _plain(self, int, ("num_items", "hidden", "num_blocks", "num_heads", "max_len"))
+        _plain(self, float, ("dropout",))
+        _plain(self, bool, ("share_key_kernel", "share_value_kernel", "normalize_kernels",
+                            "add_positional_embedding"))
+        _plain(self, str, ("model", "block", "key_kernel", "value_kernel", "backend"))
         psa_only = {name: getattr(self, name) for name, default in _PSA_DEFAULTS.items()
                     if getattr(self, name) != default}
         if self.model != "psa" and psa_only:
@@ -89,6 +123,10 @@ class ModelConfig:
                              f"{self.model!r}: got {psa_only}")
         if self.hidden % self.num_heads:
             raise ValueError(f"hidden={self.hidden} must be divisible by num_heads={self.num_heads}")
+        if self.model == "rope" and self.hidden // self.num_heads % 2:
+            # Checked here, not only by the model: that is built after the data is read and split.
+            raise ValueError(f"model 'rope' rotates pairs of dimensions, so hidden / num_heads "
+                             f"must be even, got hidden={self.hidden}, num_heads={self.num_heads}")
 
 
 @dataclass
@@ -125,6 +163,13 @@ class TrainConfig:
                 _int_at_least(1)(c) for c in [self.eval_k, *self.report_ks]):
             raise ValueError(f"eval_k must be a positive integer and report_ks a list of them, "
                              f"got {self.eval_k!r} and {ks!r}")
+        _require(self, "amp", _flag, "True or False")
+        _plain(self, int, ("epochs", "batch_size", "patience", "seed", "num_negatives", "eval_k",
+                           "eval_batch_size"))
+        _plain(self, float, ("lr", "weight_decay"))
+        _plain(self, bool, ("amp",))
+        _plain(self, str, ("loss", "device"))
+        self.report_ks = [int(k) for k in self.report_ks]
 
     @property
     def metric_ks(self) -> list[int]:
@@ -152,6 +197,11 @@ class DataConfig:
     skip_bad: bool = False  # skip malformed data lines with one warning instead of failing
 
     def __post_init__(self):
+        if isinstance(self.path, os.PathLike):
+            self.path = os.fspath(self.path)  # a pathlib.Path, say: stored as the string it is
+        _require(self, "path", _optional_str, "a file path or None")
+        _require(self, "name", _optional_str, "a string or None")
+        _require(self, "skip_bad", _flag, "True or False")
         _require(self, "format", (*FORMATS, "synthetic", "events").__contains__,
                  f"one of {(*FORMATS, 'synthetic', 'events')}")
         _require(self, "protocol", ("loo", "temporal").__contains__, "'loo' or 'temporal'")
@@ -173,15 +223,22 @@ class DataConfig:
         if self.format != "csv" and (self.columns is not None or self.sep is not None):
             raise ValueError(f"columns and sep apply to the csv format only, not {self.format!r}")
         if self.columns is not None:
-            self.columns = list(self.columns)
+            # A string would be taken for a list of one-letter names.
+            _require(self, "columns", lambda v: isinstance(v, (list, tuple)) and all(
+                isinstance(c, str) for c in v), "a list of column names")
+            self.columns = [str(c) for c in self.columns]
             if len(self.columns) not in (2, 3) or not all(c.strip() for c in self.columns):
                 raise ValueError(f"columns must name user, item and optionally time (2 or 3 "
                                  f"non-empty names), got {self.columns}")
             if len(set(self.columns)) != len(self.columns):
                 raise ValueError(f"columns must be distinct (one column per role), got "
                                  f"{self.columns}")
-        if self.sep is not None and len(self.sep) != 1:
-            raise ValueError(f"sep must be one character, got {self.sep!r}")
+        _require(self, "sep", lambda v: v is None or isinstance(v, str) and len(v) == 1,
+                 "one character")
+        _plain(self, float, ("val_start", "test_start"))
+        _plain(self, int, ("max_eval_events",))
+        _plain(self, bool, ("skip_bad",))
+        _plain(self, str, ("path", "format", "protocol", "name", "sep"))
 
     def reader_options(self) -> dict:
         """Keyword arguments for :func:`pka_ext.rec.data.load`."""
@@ -209,6 +266,14 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        # RunConfig(ModelConfig(...), DataConfig(...)) would otherwise fail deep in train_run.
+        for name, kind in (("model", ModelConfig), ("train", TrainConfig), ("data", DataConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise ValueError(f"{name} must be a {kind.__name__}, got "
+                                 f"{type(getattr(self, name)).__name__} (the sections are "
+                                 f"model, train, data, in that order)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -6,6 +6,7 @@ Needs matplotlib (``pip install pka-ext[plot]``).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -79,7 +80,11 @@ def average_attention(model, contexts, max_batches: int = 8, batch_size: int = 2
 
 
 def plot_kernels(model, out_path: str, contexts=None) -> None:
-    """Draws A_k of every layer and A_v (PSA), plus the averaged attention map if contexts given."""
+    """Draws A_k of every layer and A_v (PSA), plus the averaged attention map if contexts given.
+
+    A PSA model whose contexts are all shorter than ``max_len`` gets its kernels drawn and the map
+    left out with a warning; for a baseline, which has nothing else to draw, that is an error.
+    """
     plt = _pyplot()
     T = model.cfg.max_len
     panels = []
@@ -90,7 +95,15 @@ def plot_kernels(model, out_path: str, contexts=None) -> None:
                    for i, m in enumerate(bb.value_kernels)]
         panels = [(name, a.detach().float().cpu().numpy().reshape(-1, T, T)[0]) for name, a in panels]
     if contexts is not None:
-        panels.append(("mean attention, block 1", average_attention(model, contexts)))
+        contexts = list(contexts)
+        longest = max(map(len, contexts), default=0)
+        if panels and longest < T:
+            # The kernels can still be drawn: the built-in data (histories of at most 40 items)
+            # with pka-rec train's default max_len of 50, say.
+            warnings.warn(f"no history has at least max_len={T} items (the longest has "
+                          f"{longest}); the mean attention map is left out", stacklevel=2)
+        else:
+            panels.append(("mean attention, block 1", average_attention(model, contexts)))
     if not panels:
         raise ValueError("nothing to plot: the model has no kernels and no contexts were given")
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)

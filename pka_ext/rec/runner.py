@@ -66,6 +66,21 @@ def resume_changes(saved: dict, current: dict) -> list[str]:
             if f"{section}.{key}" not in RESUMABLE and saved[section][key] != value]
 
 
+def check_device(device: str) -> None:
+    """Raises a ValueError naming TrainConfig's ``device`` unless this machine has it.
+
+    TrainConfig checks only the name; without this a missing GPU surfaced from torch once the data
+    had been read and split and the output folder made (pka-rec train checks its --device itself).
+    """
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if (dev.index or 0) >= count:
+        raise ValueError(f"device {device!r} is not available here: this machine has {count} "
+                         f"CUDA device(s) (TrainConfig.device)")
+
+
 def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
               resume: str | None = None, log=print, progress: bool = True) -> dict:
     """Loads data, trains with early stopping, evaluates, writes metrics.json and checkpoint.pt.
@@ -79,6 +94,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     # Checked now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", out_dir)
+    check_device(cfg.train.device)
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
     else:

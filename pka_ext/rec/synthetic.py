@@ -103,10 +103,11 @@ class ChainProcess:
         if not 1 <= num_chains <= num_items // 2:
             raise ValueError(f"num_chains must lie in 1..num_items // 2 = {num_items // 2}, "
                              f"got {num_chains}")
-        if p_next < 0 or p_lag2 < 0 or p_next + p_lag2 > 1:
+        # Written so that NaN, which fails every comparison, is refused too.
+        if not (p_next >= 0 and p_lag2 >= 0 and p_next + p_lag2 <= 1):
             raise ValueError(f"need p_next >= 0, p_lag2 >= 0 and p_next + p_lag2 <= 1, got "
                              f"p_next={p_next}, p_lag2={p_lag2}")
-        if zipf_a < 0:
+        if not zipf_a >= 0:
             raise ValueError(f"zipf_a must be >= 0, got {zipf_a}")
         rng = np.random.default_rng([seed, 0])
         items = np.arange(1, num_items + 1, dtype=np.int64)

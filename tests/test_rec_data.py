@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -235,10 +237,21 @@ def test_from_events_numbers_and_orders_like_the_csv_reader(tmp_path):
     (["u1", "u2"], np.array([1.0, np.nan]), None, r"items\[1\] is missing"),
     (["u1", "u2"], ["i1", "i2"], [1.0, "noon"], r"times\[1\] is 'noon', not a finite number"),
     (["u1", "u2"], ["i1", "i2"], [None, 2.0], r"times\[0\] is None, not a finite number"),
+    # Numbers too large for a float or a string escaped as a bare OverflowError / ValueError.
+    (["u1", "u2"], ["i1", "i2"], [1.0, 10**400], r"times\[1\] is 1000.*, not a finite number"),
+    (["u1", 10**5000], ["i1", "i2"], None, r"users\[1\] .*4300 digits"),
+    ([b"u1", b"\xe9"], ["i1", "i2"], None, r"users\[1\] is bytes that are not UTF-8"),
 ])
 def test_from_events_rejects_bad_columns(users, items, times, match):
     with pytest.raises(DataError, match=match):
         Interactions.from_events(users, items, times)
+
+
+def test_from_events_decodes_bytes_ids():
+    # numpy 'S' arrays and h5py give ids as bytes, whose str() made the item b"A" the id "b'A'".
+    data = Interactions.from_events(np.array([b"u1", b"u1", b"u2"]), [b"A", "A", bytearray(b"7")])
+    assert (data.user_ids, data.item_ids) == (["u1", "u2"], ["A", "7"])
+    assert seqs(data) == [[1, 1], [2]]
 
 
 @pytest.mark.parametrize("users, items, match", [
@@ -377,6 +390,30 @@ def test_missing_file(tmp_path, fmt):
     path = tmp_path / "nope.txt"
     with pytest.raises(FileNotFoundError, match="nope.txt"):
         load(path, fmt)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs named pipes")
+@pytest.mark.parametrize("content, result", [
+    (b"1 2 3\n2 3\n", [["2", "3"], ["3"]]),
+    (b"\x1f\x8b\x08\x00rest", "not UTF-8 text"),  # the pipe cannot be read again for the line
+])
+def test_named_pipe_is_read(tmp_path, content, result):
+    # Process substitution (--data <(zcat Beauty.txt.gz)) passes a pipe, which was refused as
+    # "no such data file".
+    path = tmp_path / "pipe"
+    os.mkfifo(path)
+    writer = threading.Thread(target=path.write_bytes, args=(content,))
+    writer.start()
+    try:
+        if isinstance(result, str):
+            with pytest.raises(DataError, match=rf"^{path}: {result}"):
+                read_s3rec(path)
+        else:
+            assert raw_seqs(read_s3rec(path)) == result
+    finally:
+        if writer.is_alive():  # the reader failed before opening: let the writer finish
+            path.read_bytes()
+        writer.join()
 
 
 def test_load_dispatch_and_unknown_format(tmp_path):

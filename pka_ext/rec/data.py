@@ -186,7 +186,17 @@ def _id_column(name: str, values: Iterable) -> list[str]:
     for n, value in enumerate(out):
         if _missing(value):
             raise DataError(f"{name}[{n}] is missing ({value!r})")
-        out[n] = str(value)
+        if isinstance(value, (bytes, bytearray)):
+            # numpy 'S' arrays and h5py hold ids as bytes, whose str() would make b"A" the id
+            # "b'A'"; decoded like the files, so b"A" and "A" are the same id.
+            try:
+                value = bytes(value).decode("utf-8")
+            except UnicodeDecodeError:
+                raise DataError(f"{name}[{n}] is bytes that are not UTF-8 ({value!r})") from None
+        try:
+            out[n] = str(value)
+        except ValueError as e:  # an int past Python's digit limit for str()
+            raise DataError(f"{name}[{n}] cannot be made an id: {e}") from None
         if not out[n]:
             raise DataError(f"{name}[{n}] is an empty id")
     return out
@@ -199,7 +209,7 @@ def _time_column(values: Iterable) -> np.ndarray:
     for n, value in enumerate(values):
         try:
             t[n] = float(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int beyond float
             t[n] = np.nan
         if not np.isfinite(t[n]):
             raise DataError(f"times[{n}] is {value!r}, not a finite number")
@@ -268,7 +278,8 @@ class Interactions:
         ----------
         users, items : iterable
             One user id and one item id per event. Ids are kept as ``str(id)``, so ``7`` and
-            ``"7"`` are the same item (and ``7.0`` another one).
+            ``"7"`` are the same item (and ``7.0`` another one); bytes are decoded as UTF-8, so
+            ``b"7"`` is that item too.
         times : iterable of float, optional
             Event times; each user's events are sorted by them with a stable sort, so ties keep
             their order. Without times the events are taken to be chronological per user.
@@ -277,8 +288,8 @@ class Interactions:
         ------
         DataError
             If a column is a string, the columns differ in length or hold no events, or an id is
-            empty or missing (None, NaN, pandas' NA) or a time is not a finite number (naming the
-            column and the event's index).
+            empty, missing (None, NaN, pandas' NA) or bytes that are not UTF-8, or a time is not a
+            finite number (naming the column and the event's index).
         """
         users, items = _id_column("users", users), _id_column("items", items)
         if len(users) != len(items):
@@ -396,6 +407,8 @@ def _reader(read):
 
 
 def _not_utf8(path: Path) -> str:
+    if not path.is_file():  # a pipe: what was read is gone, so neither the line nor gzip is known
+        return f"{path}: not UTF-8 text (compressed?); convert or decompress it first"
     with path.open("rb") as f:
         if f.read(2) == b"\x1f\x8b":
             return f"{path}: gzip-compressed, not text: decompress it first"
@@ -413,7 +426,7 @@ def _open(path: str | Path, newline: str | None = None):
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(errno.EISDIR, "a folder, not a data file", str(path))
-    if not path.is_file():
+    if not path.exists():  # not is_file(): a pipe (--data <(zcat f.gz)) is read like a file
         raise FileNotFoundError(errno.ENOENT, "no such data file", str(path))
     # utf-8-sig drops a byte-order mark that spreadsheet exports put before the header.
     return path, path.open(encoding="utf-8-sig", newline=newline)

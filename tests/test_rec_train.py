@@ -715,6 +715,18 @@ def test_psa_kernel_settings_are_refused_for_other_models(tmp_path):
     assert ModelConfig(model="psa", key_kernel="full").key_kernel == "full"
 
 
+def test_max_eval_events_is_refused_for_leave_one_out(tmp_path):
+    # Leave-one-out scores every user: a cap accepted there changed nothing while metrics.json's
+    # config recorded it, as if the published numbers came from that many events.
+    with pytest.raises(ValueError, match=r"max_eval_events applies to the temporal protocol only"):
+        DataConfig(protocol="loo", max_eval_events=5)
+    with pytest.raises(SystemExit, match=r"pka-rec train: max_eval_events applies to the temporal"):
+        cli_main(["train", "--protocol", "loo", "--max-eval-events", "5", "--out",
+                  str(tmp_path / "o")])
+    assert not os.path.exists(tmp_path / "o")
+    assert DataConfig(protocol="temporal", max_eval_events=5).max_eval_events == 5
+
+
 def test_cli_train_takes_the_format_from_the_suffix_and_asks_for_it_otherwise(tmp_path):
     path = _events_csv(tmp_path, "events.csv", header="user,sku", sep=",", bad_line=False)
     out = str(tmp_path / "run")

@@ -369,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--val-start", type=_quantile, default=0.95, help="temporal: validation quantile")
     _option(t, "--test-start", type=_quantile, default=0.97, help="temporal: test quantile")
     _option(t, "--max-eval-events", type=_positive_int, default=None,
-            help="temporal: evaluate at most this many held-out events (default: all of them)")
+            help="temporal: evaluate the first N validation and test events in time order "
+                 "(default: all of them)")
     _option(t, "--report-k", type=_cutoffs, default="5,10,20", metavar="K[,K...]",
             help="cutoffs of the NDCG, HR and COV in metrics.json (early stopping uses NDCG@10)")
     _option(t, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")

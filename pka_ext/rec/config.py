@@ -212,6 +212,11 @@ class DataConfig:
                              f"the validation period comes before the test period")
         _require(self, "max_eval_events", lambda v: v is None or _int_at_least(1)(v),
                  "a positive integer or None (all events)")
+        if self.max_eval_events is not None and self.protocol != "temporal":
+            # Leave-one-out scores every user; the cap, accepted, would change nothing while the
+            # run's recorded config said the metrics came from that many events.
+            raise ValueError(f"max_eval_events applies to the temporal protocol only, not "
+                             f"{self.protocol!r}, which scores every user with at least 3 items")
         if self.format == "events" and self.path is not None:
             raise ValueError(f"format 'events' stands for events passed from Python, not a file "
                              f"({self.path}); name the file's format: {', '.join(FORMATS)}")

@@ -1,10 +1,13 @@
 """CPU benchmark of the attention op: the compiled kernels vs python_ref vs matmul + SDPA.
 
-Times forward, backward and forward+backward (median and quartiles of --repeats runs, one process,
-same thread count; every implementation and pass is called in turn in each round, so the machine's
-slow spells fall on all of them alike), and measures the peak memory of one forward+backward per implementation in a fresh
-subprocess: the growth of the process's peak resident set (VmHWM, reset through
-/proc/self/clear_refs) over its resident set just before the call, inputs already allocated.
+Checks first that the three compute the same output and gradients (w.r.t. q, k, v, a_k and a_v)
+at the timed shape. Times forward, backward and forward+backward (median and quartiles of --repeats
+runs, one process, same thread count; every implementation and pass is called in turn in each
+round, so the machine's slow spells fall on all of them alike), and measures the peak memory of one
+forward+backward per implementation in a fresh subprocess: the growth of the process's peak
+resident set (VmHWM, reset through /proc/self/clear_refs) over its resident set just before the
+call, inputs already allocated, after one warm-up forward+backward of the same implementation at a
+tiny shape (the first call's one-time costs, about 40 MiB at any shape, are not the op's memory).
 
     python benchmarks/bench_cpu_op.py                       # the issue's case: B=64 H=2 T=128 d=64
     python benchmarks/bench_cpu_op.py --sweep               # T in {50,128,200,512}, d in {32,64}
@@ -23,7 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from attention_impls import IMPLS, make_inputs  # noqa: E402
-from common import describe, interleaved_times, machine_info, quartiles, write_results  # noqa: E402
+from common import command_line, describe, interleaved_times, machine_info, quartiles, write_results  # noqa: E402
+
+GRAD_NAMES = ("out", "dq", "dk", "dv", "da_k", "da_v")
+MEMORY = "growth of peak RSS during one fwd+bwd in a fresh process, after a warm-up fwd+bwd at a tiny shape"
+AGREE_TOL = 1e-4  # max |x - ref| / max |ref| in float32; the implementations agree to ~1e-6
 
 
 def _status_kib(field: str) -> int:
@@ -36,9 +43,16 @@ def _status_kib(field: str) -> int:
 
 def peak_memory_child(impl: str, B: int, H: int, T: int, d: int) -> None:
     """Runs in a fresh process: prints the peak RSS growth (MiB) of one fwd+bwd."""
+    fn = IMPLS[impl]
+    # The first call loads code (pka_ext's import, torch's kernels), starts thread pools and fills
+    # caches: ~40 MiB even at B=H=1, T=d=2, paid once per process, not per call. A warm-up at a tiny
+    # shape pays it; its tensors stay under malloc's mmap threshold, so it leaves no freed memory
+    # for the measured call to reuse.
+    warm = make_inputs(1, H, min(T, 4), d)
+    fn(*warm).backward(torch.ones(1, H, min(T, 4), d))
+    del warm
     inputs = make_inputs(B, H, T, d)
     grad = torch.randn(B, H, T, d)
-    fn = IMPLS[impl]
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
@@ -52,9 +66,24 @@ def peak_memory(impl: str, B: int, H: int, T: int, d: int) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mib"]
 
 
+def check_agreement(inputs, grad, tol=AGREE_TOL) -> None:
+    """Raises unless every implementation's output and gradients match python_ref's."""
+    results = {}
+    for name, fn in IMPLS.items():
+        out = fn(*inputs)
+        results[name] = (out.detach(), *torch.autograd.grad(out, inputs[:5], grad))
+    for name, got in results.items():
+        for what, x, ref in zip(GRAD_NAMES, got, results["reference"]):
+            err = ((x - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+            if not err <= tol:
+                raise RuntimeError(f"{name} does not compute what python_ref does: {what} differs by "
+                                   f"{err:.2e} (relative to its largest entry; tolerance {tol:g})")
+
+
 def time_case(B, H, T, d, repeats):
     inputs = make_inputs(B, H, T, d)
     grad = torch.randn(B, H, T, d)
+    check_agreement(inputs, grad)
     held = {}  # each implementation's output, kept for the backward-only timing
 
     def clear_grads():
@@ -98,6 +127,8 @@ def main():
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", type=int, nargs=4, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.repeats < 2:
+        ap.error("--repeats must be at least 2 (quartiles need two times)")
     if args.memory_child:
         peak_memory_child(args.memory_child, *args.shape)
         return
@@ -113,14 +144,15 @@ def main():
         rows.append(row)
         print(json.dumps(row), flush=True)
 
+    command = command_line("bench_cpu_op.py", ap, args, skip=("out", "memory_child", "shape"))
     lines = [
         f"# CPU op benchmark{' sweep' if args.sweep else ''}",
         "",
         f"Machine: {describe(info)}.",
-        f"Command: `python benchmarks/bench_cpu_op.py{' --sweep' if args.sweep else ''}`. fp32, "
+        f"Command: `{command}`. fp32, "
         f"B={args.batch}, H={args.heads}, lengths uniform in [1, T], median of {args.repeats} runs "
         "(implementations interleaved round by round; fwd+bwd with its quartiles). "
-        "Peak memory: growth of peak RSS during one fwd+bwd in a fresh process.",
+        f"Peak memory: {MEMORY}.",
         "",
         "| T | d | impl | fwd ms | bwd ms | fwd+bwd ms (quartiles) | peak MiB | fwd+bwd speed-up of pka | pka peak / impl peak |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -137,7 +169,9 @@ def main():
                 f"{mem if mem is None else f'{mem:.1f}'} | {speed:.2f}x | {ratio} |"
             )
     name = "cpu_op_sweep" if args.sweep else "cpu_op"
-    write_results(name, {"machine": info, "rows": rows}, "\n".join(lines) + "\n", args.out)
+    payload = {"machine": info, "command": command, "repeats": args.repeats,
+               "memory": None if args.no_memory else MEMORY, "rows": rows}
+    write_results(name, payload, "\n".join(lines) + "\n", args.out)
     print("\n".join(lines))
 
 

@@ -47,8 +47,9 @@ def main():
     info = machine_info()
     n_train = len(split.train)
     name = os.path.splitext(os.path.basename(args.data))[0]
+    command = command_line("bench_epoch.py", ap, args)
     md = [f"# Epoch time on {name}: PSA vs SASRec", "",
-          f"Machine: {describe(info)}. Command: `{command_line('bench_epoch.py', ap, args)}` ({n_train} training "
+          f"Machine: {describe(info)}. Command: `{command}` ({n_train} training "
           "sequences, leave-one-out, max-len 50, D=128, 2 blocks, batch 128, full CE, Adam).", "",
           "| model | epoch | train s | validation s | train + validation s |", "|---|---|---|---|---|"]
     for name, hist in rows.items():
@@ -56,7 +57,8 @@ def main():
                f"{h['train_s'] + h['val_s']:.1f} |" for h in hist]
     worst = max(h["train_s"] + h["val_s"] for h in rows["psa"])
     md += ["", f"Slowest psa epoch including validation: **{worst:.1f} s** (target < 60 s)."]
-    write_results("epoch_cpu", {"machine": info, "data": os.path.basename(args.data), "epochs": rows},
+    write_results("epoch_cpu", {"machine": info, "command": command, "data": os.path.basename(args.data),
+                                "epochs": rows},
                   "\n".join(md) + "\n", args.out)
     print("\n".join(md))
 

@@ -45,10 +45,12 @@ def _with_iqr(r) -> str:
 def cpu_op_section(sweep) -> list[str]:
     bh = ", ".join(f"B={b}, H={h}" for b, h in dict.fromkeys((r["B"], r["H"]) for r in sweep["rows"]))
     md = ["## CPU op: forward, backward, forward + backward", "",
-          f"Machine: {describe(sweep['machine'])}. Command: `python benchmarks/bench_cpu_op.py --sweep` "
-          f"(fp32, {bh}, lengths uniform in [1, T], median of repeated runs, fwd+bwd quartiles in "
-          "parentheses where recorded; peak memory = growth of "
-          "peak RSS during one fwd+bwd in a fresh process). Full table: `cpu_op_sweep.md`.", "",
+          f"Machine: {describe(sweep['machine'])}. Command: "
+          f"`{sweep.get('command', 'python benchmarks/bench_cpu_op.py --sweep')}` (fp32, {bh}, lengths "
+          f"uniform in [1, T], median of {sweep.get('repeats', 'repeated')} runs, fwd+bwd quartiles in "
+          "parentheses where recorded; peak memory = "
+          f"{sweep.get('memory') or 'growth of peak RSS during one fwd+bwd in a fresh process'}). "
+          "Full table: `cpu_op_sweep.md`.", "",
           "| T | d | pka fwd / bwd / fwd+bwd ms | composition fwd+bwd ms | python_ref fwd+bwd ms "
           "| speed-up vs composition | vs python_ref | peak MiB pka / composition / python_ref |",
           "|---|---|---|---|---|---|---|---|"]
@@ -118,7 +120,7 @@ def train_section(step, epoch, step_amp=None) -> list[str]:
     else:
         md += ["Training step: not run (`python benchmarks/bench_train_step.py`).", ""]
     if epoch:
-        md += [f"Epochs on {epoch['data']} (`python benchmarks/bench_epoch.py`). Machine: "
+        md += [f"Epochs on {epoch['data']} (`{epoch.get('command', 'python benchmarks/bench_epoch.py')}`). Machine: "
                f"{describe(epoch['machine'])}.", "",
                "| model | epoch | train s | validation s |", "|---|---|---|---|"]
         for m, hist in epoch["epochs"].items():

@@ -634,6 +634,8 @@ def test_an_empty_validation_split_is_an_error_not_a_blind_early_stop(tmp_path):
      "columns and sep apply to the csv format only"),
     (["--format", "csv", "--data", "x.csv", "--columns", "u"], "columns must name user, item"),
     (["--format", "csv", "--data", "x.csv", "--columns", "u,,t"], "columns must name user, item"),
+    # An empty --columns (an unset shell variable) was taken for no --columns: the defaults.
+    (["--format", "csv", "--data", "x.csv", "--columns", ""], "columns must name user, item"),
     (["--format", "csv", "--data", "x.csv", "--sep", ";;"], "sep must be one character"),
     (["--format", "csv", "--data", "no-such-file.csv"], "pka-rec train: .*no-such-file.csv"),
     (["--format", "csv"], "pka-rec train: a data file is required for format 'csv'"),
@@ -662,7 +664,12 @@ def test_cli_bad_data_flags_are_one_line_errors(tmp_path, flags, match):
     ("--dropout", "1", r"a number in \[0, 1\)"),
     ("--val-start", "2", r"a number in \(0, 1\)"),
     ("--test-start", "0", r"a number in \(0, 1\)"),
-    ("--seed", "-1", "a non-negative integer"),
+    ("--seed", "-1", r"a non-negative integer below 2\*\*64"),
+    # torch.manual_seed's limit: this failed with a traceback once the data had been read.
+    ("--seed", str(2**64), r"a non-negative integer below 2\*\*64"),
+    # An empty path (an unset shell variable): --resume "" trained afresh, silently.
+    ("--resume", "", "a path"),
+    ("--out", "", "a path"),
 ])
 def test_cli_bad_numbers_are_usage_errors_naming_the_flag(tmp_path, capsys, flag, value, expected):
     # Each of these used to train nothing silently (--epochs 0, --negatives 0, --patience 0) or
@@ -1015,3 +1022,121 @@ def test_plot_kernels_without_a_history_as_long_as_max_len_draws_the_kernels(tmp
     with pytest.raises(SystemExit, match="pka-rec plot-kernels: no history has at least "
                                          "max_len=50 items"):
         cli_main(["plot-kernels", "--checkpoint", ckpt, "--out", png])
+
+
+def test_resuming_a_finished_run_continues_from_its_last_weights_not_its_best(tmp_path, monkeypatch):
+    # A finished run's checkpoint held the best epoch's weights as the training state (loading the
+    # best weights overwrote the saved state dict's tensors in place), so a resume went on from
+    # them with the last epoch's optimiser: not the continuation an uninterrupted run trains.
+    import pka_ext.rec.train as train_module
+
+    # Validation NDCG falling every epoch: the best epoch is 1, the last another one.
+    scores = iter([0.5, 0.4, 0.3, 0.5, 0.4, 0.3])
+    monkeypatch.setattr(train_module, "evaluate", lambda *a, **kw: {"ndcg@10": next(scores)})
+    args = ["train", "--format", "synthetic", "--max-len", "10", "--hidden", "16", "--patience",
+            "50", "--no-progress"]
+    straight, first, resumed = (str(tmp_path / n) for n in ("straight", "first", "resumed"))
+    cli_main(args + ["--epochs", "3", "--out", straight])
+    cli_main(args + ["--epochs", "2", "--out", first])
+    cli_main(args + ["--epochs", "3", "--out", resumed, "--resume",
+                     os.path.join(first, "checkpoint.pt")])
+    a, b = (torch.load(os.path.join(d, "checkpoint.pt"), weights_only=True)
+            for d in (straight, resumed))
+    assert a["train_state"]["best_epoch"] == b["train_state"]["best_epoch"] == 1
+    assert [h["loss"] for h in a["train_state"]["history"]] == \
+        [h["loss"] for h in b["train_state"]["history"]]
+    for name, w in a["train_state"]["model_state"].items():  # the last epoch's, for a resume
+        assert torch.equal(w, b["train_state"]["model_state"][name]), name
+    for name, w in a["model_state"].items():  # the best epoch's, for inference
+        assert torch.equal(w, b["model_state"][name]), name
+
+
+@pytest.mark.parametrize("flags,match", [
+    (["--negatives", "64"], "--negatives applies to --loss sampled only"),
+    (["--val-start", "0.5"], "--val-start applies to --protocol temporal only"),
+    (["--test-start", "0.99"], "--test-start applies to --protocol temporal only"),
+    (["--skip-bad"], r"--skip-bad applies to a data file \(--data\) only"),
+])
+def test_cli_refuses_flags_that_the_run_would_ignore(tmp_path, flags, match):
+    # Each was accepted and changed nothing, while metrics.json's config recorded it.
+    with pytest.raises(SystemExit, match=f"pka-rec train: {match}$"):
+        cli_main(["train", "--epochs", "1", *flags, "--out", str(tmp_path / "o")])
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_resume_checkpoint_is_an_error_before_any_work(tmp_path, monkeypatch):
+    # A mistyped --resume, or a file that is not a checkpoint, failed only once the data had been
+    # read and split, leaving an empty output folder behind.
+    import pka_ext.rec.runner as runner
+
+    def read(*_):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(runner, "load_interactions", read)
+    not_a_checkpoint = tmp_path / "notes.pt"
+    not_a_checkpoint.write_text("hello")
+    out = tmp_path / "o"
+    for path, match in ((tmp_path / "missing.pt", "checkpoint not found"),
+                        (not_a_checkpoint, "could not be read as a pka-rec-checkpoint/1")):
+        with pytest.raises(SystemExit, match=f"pka-rec train: .*{match}"):
+            cli_main(["train", "--epochs", "1", "--resume", str(path), "--out", str(out)])
+        assert not out.exists()
+
+
+def _unwritable_folder(tmp_path) -> str:
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o500)
+    for candidate in (str(folder), "/sys/kernel"):  # root writes into any mode; not into sysfs
+        try:
+            with open(os.path.join(candidate, "probe"), "w"):
+                pass
+            os.remove(os.path.join(candidate, "probe"))
+        except OSError:
+            return candidate
+    pytest.skip("no folder that cannot be written to")
+
+
+def test_an_output_folder_that_cannot_be_written_to_is_an_error_before_any_work(tmp_path,
+                                                                                monkeypatch):
+    # It failed when the first epoch's checkpoint was saved, with a traceback from torch.save.
+    import pka_ext.rec.runner as runner
+
+    def read(*_):
+        raise AssertionError("the data was read")
+
+    monkeypatch.setattr(runner, "load_interactions", read)
+    out = _unwritable_folder(tmp_path)
+    with pytest.raises(SystemExit, match=rf"pka-rec train: \[Errno \d+\] the output folder cannot "
+                                         rf"be written to: '{re.escape(out)}'$"):
+        cli_main(["train", "--epochs", "1", "--out", out])
+
+
+def test_a_run_stopped_in_a_folder_of_another_run_leaves_no_stale_metrics(tmp_path, monkeypatch):
+    # The folder's metrics.json (another model's) stayed next to the stopped run's checkpoint.
+    import pka_ext.rec.train as train_module
+
+    args = ["train", "--format", "synthetic", "--max-len", "10", "--hidden", "16", "--no-progress"]
+    out = str(tmp_path / "run")
+    cli_main(args + ["--epochs", "1", "--model", "sasrec", "--out", out])
+    assert os.path.exists(os.path.join(out, "metrics.json"))
+    steps = train_module.train_steps
+
+    def interrupted_in_epoch_2(*a, epoch, **kw):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return steps(*a, epoch=epoch, **kw)
+
+    monkeypatch.setattr(train_module, "train_steps", interrupted_in_epoch_2)
+    with pytest.raises(KeyboardInterrupt):
+        cli_main(args + ["--epochs", "3", "--model", "psa", "--out", out])
+    ckpt = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
+    assert ckpt["config"]["model"]["model"] == "psa" and ckpt["train_state"]["epoch"] == 1
+    assert not os.path.exists(os.path.join(out, "metrics.json"))
+    # The checkpoint resumes; the finished run writes its metrics.json again.
+    monkeypatch.setattr(train_module, "train_steps", steps)
+    cli_main(args + ["--epochs", "2", "--model", "psa", "--out", out, "--resume",
+                     os.path.join(out, "checkpoint.pt")])
+    with open(os.path.join(out, "metrics.json")) as f:
+        m = json.load(f)
+    assert (m["model"], m["epochs_run"]) == ("psa", 2)

@@ -40,7 +40,28 @@ def _init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
+# Flags that apply to one loss, protocol or kind of data only: given for another, they would
+# change nothing while the run's recorded config said otherwise. Their defaults are None, so that
+# given can be told from not given; the config's defaults stand in for them.
+_ONLY_FOR = (
+    ("negatives", "--negatives", lambda a: a.loss == "sampled", "--loss sampled"),
+    ("val_start", "--val-start", lambda a: a.protocol == "temporal", "--protocol temporal"),
+    ("test_start", "--test-start", lambda a: a.protocol == "temporal", "--protocol temporal"),
+    ("skip_bad", "--skip-bad", lambda a: a.data is not None, "a data file (--data)"),
+)
+_TRAIN_DEFAULTS, _DATA_DEFAULTS = TrainConfig(), DataConfig()
+
+
 def _run_config(args) -> RunConfig:
+    for name, flag, applies, needs in _ONLY_FOR:
+        if getattr(args, name) not in (None, False) and not applies(args):
+            raise ValueError(f"{flag} applies to {needs} only")
+    if args.negatives is None:
+        args.negatives = _TRAIN_DEFAULTS.num_negatives
+    if args.val_start is None:
+        args.val_start = _DATA_DEFAULTS.val_start
+    if args.test_start is None:
+        args.test_start = _DATA_DEFAULTS.test_start
     return RunConfig(
         ModelConfig(model=args.model, hidden=args.hidden, num_blocks=args.blocks,
                     num_heads=args.heads, max_len=args.max_len, dropout=args.dropout,
@@ -57,7 +78,7 @@ def _run_config(args) -> RunConfig:
                    protocol=args.protocol,
                    val_start=args.val_start, test_start=args.test_start,
                    max_eval_events=args.max_eval_events, name=args.name,
-                   columns=args.columns.split(",") if args.columns else None,
+                   columns=args.columns.split(",") if args.columns is not None else None,
                    sep=_separator(args.sep), skip_bad=args.skip_bad),
     )
 
@@ -91,7 +112,10 @@ _positive_int = _checked(int, lambda v: v >= 1, "a positive integer")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 _probability = _checked(float, lambda v: 0.0 <= v < 1.0, "a number in [0, 1)")
 _quantile = _checked(float, lambda v: 0.0 < v < 1.0, "a number in (0, 1)")
-_seed = _checked(int, lambda v: v >= 0, "a non-negative integer")
+# torch.manual_seed takes at most 2**64 - 1: a larger seed failed with a traceback once the data
+# had been read and split.
+_seed = _checked(int, lambda v: 0 <= v < 2**64, "a non-negative integer below 2**64")
+_path = _checked(str, bool, "a path")  # an empty one (an unset shell variable) is no path
 
 
 _SUFFIX_FORMATS = {".inter": "recbole", ".csv": "csv", ".tsv": "csv"}
@@ -364,10 +388,12 @@ def build_parser() -> argparse.ArgumentParser:
             help="epochs without a better validation NDCG@10 before stopping")
     _option(t, "--loss", default="ce", choices=["ce", "sampled"],
             help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
-    _option(t, "--negatives", type=_positive_int, default=256,
-            help="negatives for --loss sampled")
-    _option(t, "--val-start", type=_quantile, default=0.95, help="temporal: validation quantile")
-    _option(t, "--test-start", type=_quantile, default=0.97, help="temporal: test quantile")
+    _option(t, "--negatives", type=_positive_int, default=None,
+            help=f"negatives for --loss sampled (default: {_TRAIN_DEFAULTS.num_negatives})")
+    _option(t, "--val-start", type=_quantile, default=None,
+            help=f"temporal: validation quantile (default: {_DATA_DEFAULTS.val_start})")
+    _option(t, "--test-start", type=_quantile, default=None,
+            help=f"temporal: test quantile (default: {_DATA_DEFAULTS.test_start})")
     _option(t, "--max-eval-events", type=_positive_int, default=None,
             help="temporal: evaluate the first N validation and test events in time order "
                  "(default: all of them)")
@@ -378,9 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
             help="bfloat16 autocast for training (evaluation stays float32)")
     _option(t, "--name", default=None,
             help="data set name for metrics.json (default: the data file's name)")
-    _option(t, "--resume", default=None, help="checkpoint.pt to resume from")
+    _option(t, "--resume", type=_path, default=None, help="checkpoint.pt to resume from")
     _option(t, "--no-progress", action="store_true", help="no progress bar (one line per epoch)")
-    _option(t, "--out", required=True, help="folder for metrics.json and checkpoint.pt")
+    _option(t, "--out", type=_path, required=True,
+            help="folder for metrics.json and checkpoint.pt")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("evaluate", help="recompute val/test metrics of a checkpoint")

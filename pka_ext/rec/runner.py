@@ -10,6 +10,7 @@ import dataclasses
 import errno
 import json
 import os
+import tempfile
 import time
 
 import torch
@@ -94,7 +95,19 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     # Checked now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", out_dir)
+    if os.path.isdir(out_dir):
+        # A folder that cannot be written to failed only when the first epoch's checkpoint was
+        # saved, with a traceback from torch.save: a file made and removed at once says so now.
+        try:
+            with tempfile.TemporaryFile(dir=out_dir):
+                pass
+        except OSError as e:
+            raise OSError(e.errno, "the output folder cannot be written to", out_dir) from e
     check_device(cfg.train.device)
+    # Read now, not once the data is read and split: a mistyped --resume or a file that is not a
+    # checkpoint is an error before any work, as README promises (its settings and id map are
+    # compared with the run's once the data has given the catalogue).
+    ckpt = load_checkpoint(resume, cfg.train.device) if resume is not None else None
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
     else:
@@ -104,14 +117,9 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
                                        sep=None, name=named)
     name = cfg.data.dataset_name
     split = make_split(data, cfg.data)
-    os.makedirs(out_dir, exist_ok=True)  # after the data and its split, which may be refused
     cfg.model.num_items = split.num_items
-    torch.manual_seed(cfg.train.seed)
-    model = SeqRecModel(cfg.model).to(cfg.train.device)
-    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
     state = None
-    if resume:
-        ckpt = load_checkpoint(resume, cfg.train.device)
+    if ckpt is not None:
         if ckpt["id_maps"]["items"] != data.item_ids:
             raise DataError(f"{resume}: its item id map does not match the data")
         # Through RunConfig, so that fields added since the checkpoint was written get defaults.
@@ -122,8 +130,19 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
                                   f"change: " + "; ".join(changed))
         state = TrainState(**ckpt["train_state"])
         log(f"resuming from {resume} after epoch {state.epoch}")
+    # After the data, its split and the checkpoint, which may be refused.
+    os.makedirs(out_dir, exist_ok=True)
+    torch.manual_seed(cfg.train.seed)
+    model = SeqRecModel(cfg.model).to(cfg.train.device)
+    ckpt_path = os.path.join(out_dir, "checkpoint.pt")
+    metrics_path = os.path.join(out_dir, "metrics.json")
 
     def on_epoch_end(st: TrainState):
+        # The folder's metrics.json, if any, is another run's (or the resumed one's, ended)
+        # once this checkpoint replaces that run's: left there, an interrupted or failed run
+        # paired it with a checkpoint it does not describe.
+        if os.path.exists(metrics_path):
+            os.remove(metrics_path)
         save_checkpoint(ckpt_path, model, cfg, data.id_maps(), train_state=vars(st))
 
     if rank == 0:
@@ -147,7 +166,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
         "config": cfg.to_dict(),
     }
     save_checkpoint(ckpt_path, model, cfg, data.id_maps(), metrics=metrics, train_state=vars(state))
-    with open(os.path.join(out_dir, "metrics.json"), "w") as f:
+    with open(metrics_path, "w") as f:
         json.dump(metrics, f, indent=2)
     log(f"test: {json.dumps(metrics['test'])}  (best epoch {state.best_epoch}, "
         f"{time.perf_counter() - t0:.1f} s)")

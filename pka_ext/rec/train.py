@@ -253,6 +253,11 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
             if rank == 0:
                 log(f"early stop: no improvement for {cfg.patience} epochs; best epoch {state.best_epoch}")
             break
+    if state.model_state is not None:
+        # The last epoch's weights, for a resume: model_state holds the model's own tensors, which
+        # loading the best weights below overwrites in place (a finished run's checkpoint then
+        # resumed from the best epoch's weights with the last epoch's optimiser state).
+        state.model_state = copy.deepcopy(state.model_state)
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     return state

@@ -527,7 +527,7 @@ def test_cli_refuses_to_resume_on_other_data(tmp_path):
     ckpt = os.path.join(_train_cli(tmp_path), "checkpoint.pt")
     path = _events_csv(tmp_path, bad_line=False)
     with pytest.raises(SystemExit, match=f"pka-rec train: {ckpt}: its item id map does not match"):
-        _train_on_csv(path, str(tmp_path / "resumed"), "--resume", ckpt)
+        _train_on_csv(path, str(tmp_path / "resumed"), "--resume", ckpt, "--epochs", "2")
 
 
 def test_cli_recommends_for_every_user_of_a_file(tmp_path, capsys):
@@ -1081,6 +1081,18 @@ def test_a_bad_resume_checkpoint_is_an_error_before_any_work(tmp_path, monkeypat
         with pytest.raises(SystemExit, match=f"pka-rec train: .*{match}"):
             cli_main(["train", "--epochs", "1", "--resume", str(path), "--out", str(out)])
         assert not out.exists()
+
+
+def test_resuming_with_fewer_epochs_than_were_trained_is_refused(tmp_path):
+    # It trained nothing and wrote a metrics.json whose epochs_run exceeded its config's epochs.
+    flags = ["train", "--format", "synthetic", "--max-len", "10", "--hidden", "16", "--no-progress"]
+    first = str(tmp_path / "first")
+    cli_main([*flags, "--epochs", "2", "--out", first])
+    ckpt = os.path.join(first, "checkpoint.pt")
+    with pytest.raises(SystemExit, match=r"pka-rec train: .* has trained 2 epochs already; "
+                                         r"resuming it takes epochs >= 2, got 1"):
+        cli_main([*flags, "--epochs", "1", "--resume", ckpt, "--out", str(tmp_path / "again")])
+    assert not (tmp_path / "again").exists()
 
 
 def _unwritable_folder(tmp_path) -> str:

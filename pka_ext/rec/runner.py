@@ -108,6 +108,11 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     # checkpoint is an error before any work, as README promises (its settings and id map are
     # compared with the run's once the data has given the catalogue).
     ckpt = load_checkpoint(resume, cfg.train.device) if resume is not None else None
+    done = (ckpt.get("train_state") or {}).get("epoch", 0) if ckpt is not None else 0
+    if cfg.train.epochs < done:
+        # It would train nothing, and metrics.json would report more epochs than its config.
+        raise CheckpointError(f"{resume} has trained {done} epochs already; resuming it takes "
+                              f"epochs >= {done}, got {cfg.train.epochs}")
     if data is None:
         data = load_interactions(cfg.data, cfg.train.seed)
     else:

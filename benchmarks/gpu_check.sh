@@ -41,7 +41,8 @@ pack() {
 
 # step NAME LIMIT CMD...: runs CMD for at most LIMIT seconds and never past the budget. At the
 # limit CMD gets SIG (default TERM; INT lets pytest write its report of what finished), and
-# KILL 10 s later if it is still running. The exit code is left in RC.
+# KILL GRACE seconds later (default 10) if it is still running. CMD finds the limit it runs under
+# in PKA_STEP_LIMIT (triage_failures.py sets its deadline by it). The exit code is left in RC.
 RC=0
 step() {
   local name=$1 limit=$2
@@ -57,7 +58,7 @@ step() {
   local t0
   t0=$(now)
   echo "== $name (limit ${limit}s): $*"
-  timeout -k 10 -s "${SIG:-TERM}" "$limit" "$@" > "$WORK/$name.log" 2>&1
+  PKA_STEP_LIMIT=$limit timeout -k "${GRACE:-10}" -s "${SIG:-TERM}" "$limit" "$@" > "$WORK/$name.log" 2>&1
   RC=$?
   echo "$name rc=$RC $(($(now) - t0))s" | tee -a "$WORK/summary.txt"
   tail -n 5 "$WORK/$name.log"
@@ -83,9 +84,11 @@ pack
 # 180).
 XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-# A hung test then costs its worker, not the whole step (pytest-timeout, where installed).
+# A hung test then costs its worker, not the whole step (pytest-timeout, where installed). The
+# thread method: a test stuck behind a hung kernel waits inside a CUDA call, where the signal
+# method's SIGALRM handler never runs; the thread ends the worker and xdist starts another.
 HANG=()
-$PY -c "import pytest_timeout" 2>/dev/null && HANG=(--timeout 120)
+$PY -c "import pytest_timeout" 2>/dev/null && HANG=(--timeout 120 --timeout-method thread)
 step build 240 $PY -m pip install -v --no-build-isolation --no-deps -e .  # -v: the compile and link lines
 if ((RC != 0)); then  # every later step would only fail on the missing library
   echo "total $(($(now) - START))s (build failed: no further steps)" | tee -a "$WORK/summary.txt"
@@ -93,7 +96,9 @@ if ((RC != 0)); then  # every later step would only fail on the missing library
   tail -n 30 "$WORK/build.log"
   exit 0
 fi
-SIG=INT step tests 240 env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${HANG[@]}" \
+# GRACE=20: after SIGINT, xdist waits up to 10 s for a worker stuck in a CUDA call before the
+# junit report is written; KILL at 10 s would lose the report.
+SIG=INT GRACE=20 step tests 240 env OMP_NUM_THREADS=2 $PY -m pytest -q -p no:cacheprovider "${XDIST[@]}" "${HANG[@]}" \
   tests/test_cuda_fused.py tests/test_cuda.py --junitxml="$WORK/junit.xml"
 # The caching allocator would hide an access past a buffer that stays inside its pooled block.
 step memcheck 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --short
@@ -110,7 +115,8 @@ step sass 30 bash benchmarks/sass_mix.sh
 # The long sequences, whose launch plans move block buffers to the global workspace.
 step memcheck_long 60 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 9 $PY benchmarks/sanitize_case.py --long
 # Only when tests failed: the failures rerun as they were and under each kernel switch (triage.md).
-step triage 90 $PY benchmarks/triage_failures.py "$WORK/junit.xml" --out "$WORK" --deadline 75
+# Its deadline follows the step's limit (PKA_STEP_LIMIT less 15 s), which the budget may cut below 90 s.
+step triage 90 $PY benchmarks/triage_failures.py "$WORK/junit.xml" --out "$WORK"
 # If a bad call of the op crashes the process (seen once: test_errors, 2026-11-28), the native
 # stack of the crash, from cuda-gdb; nothing when the call raises as it should.
 error_stack() {

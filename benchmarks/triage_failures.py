@@ -86,7 +86,7 @@ def run_variants(tests: list[str], root: str, python: str, deadline: float) -> d
     names that passed, the exit code ("timeout" if cut), and the last lines of its output.
 
     At the deadline every variant still running gets SIGINT, on which pytest writes its report of
-    the tests that finished, and is killed 10 s later if it has not ended.
+    the tests that finished, and those that have not ended 10 s later are killed.
     """
     results = {}
     end = time.monotonic() + deadline
@@ -107,9 +107,13 @@ def run_variants(tests: list[str], root: str, python: str, deadline: float) -> d
             except subprocess.TimeoutExpired:
                 proc.send_signal(signal.SIGINT)
                 cut.add(variant)
+        # One 10 s grace for all of them: a variant stuck in a CUDA call (a hung kernel) does not
+        # answer SIGINT, and ten such variants waited for one after another took 100 s.
+        grace_end = time.monotonic() + 10
         for variant, (proc, report, log) in procs.items():
             try:
-                rc = proc.wait(timeout=10) if variant in cut else proc.returncode
+                rc = (proc.wait(timeout=max(grace_end - time.monotonic(), 0)) if variant in cut
+                      else proc.returncode)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
@@ -121,6 +125,14 @@ def run_variants(tests: list[str], root: str, python: str, deadline: float) -> d
                       if os.path.exists(report) and os.path.getsize(report) else set())
             results[variant] = {"rc": rc, "passed": sorted(passed), "tail": tail}
     return results
+
+
+def default_deadline() -> float:
+    """75 s; as a step of gpu_check.sh, the step's limit (PKA_STEP_LIMIT, which the check's budget
+    may have cut) less 15 s: the variants' 10 s to end after SIGINT and the writing of the report,
+    so that the step's timeout does not end this script before it writes anything."""
+    limit = os.environ.get("PKA_STEP_LIMIT")
+    return max(float(limit) - 15, 0.0) if limit else 75.0
 
 
 def table(tests: list[str], results: dict[str, dict]) -> str:
@@ -139,8 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("junit", help="junit XML report of the tests step")
     parser.add_argument("--out", default=".", help="folder for triage.md and triage.json")
     parser.add_argument("--max-tests", type=int, default=24, help="rerun at most this many failures")
-    parser.add_argument("--deadline", type=float, default=75.0,
-                        help="seconds for all variants together (they run at once)")
+    parser.add_argument("--deadline", type=float, default=default_deadline(),
+                        help="seconds for all variants together (they run at once); default 75, "
+                             "or PKA_STEP_LIMIT less 15 where set")
     parser.add_argument("--root", default=REPO, help="folder the test paths are relative to")
     args = parser.parse_args(argv)
     if not os.path.exists(args.junit):

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tarfile
@@ -51,6 +53,37 @@ def test_budget_skips_the_remaining_steps(tmp_path):
     assert summary[0] == "build rc=0 5s" and summary[1] == "tests rc=0 5s"
     assert all(line.endswith("skipped (budget of 44s spent)") for line in summary[2:-1])
     assert "tests.log" in names and "memcheck.log" not in names
+
+
+def test_hung_tests_and_cut_steps_leave_their_reports(tmp_path):
+    """The commands the check runs, seen through a stand-in python and timeout that log them:
+    pytest-timeout's thread method (a test stuck behind a hung kernel waits inside a CUDA call,
+    where the signal method's SIGALRM handler never runs); 20 s from SIGINT to KILL for the tests
+    (after SIGINT xdist waits up to 10 s for a stuck worker before the junit report is written);
+    and the triage's deadline taken from its step's limit, which the budget cut to 40 s here (with
+    the fixed 75 s deadline the step's timeout ended the triage before it wrote anything)."""
+    clock, calls = tmp_path / "clock", tmp_path / "calls"
+    clock.write_text("0")
+    python = tmp_path / "python"
+    python.write_text(f'#!/bin/sh\necho "PKA_STEP_LIMIT=${{PKA_STEP_LIMIT:-}} $*" >> {calls}\n'
+                      f"echo $(( $(cat {clock}) + 5 )) > {clock}\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "timeout").write_text(f'#!/bin/sh\necho "timeout $*" >> {calls}\n'
+                                     f'exec {shutil.which("timeout")} "$@"\n')
+    for f in (python, bin_dir / "timeout"):
+        f.chmod(0o755)
+    # 5 s per python call: the machine lines and the two probes (20 s), then build, tests, bench_op,
+    # bench_train and bench_train_amp: 45 s of an 85 s budget when the triage starts.
+    _, summary, _ = run_check(tmp_path, str(python), 85, PKA_GPU_CHECK_CLOCK=str(clock),
+                              PATH=f"{bin_dir}:{os.environ['PATH']}")
+    assert [line.split()[0] for line in summary] == [*STEPS, "total"]
+    lines = calls.read_text().splitlines()
+    pytest_call = next(line for line in lines if " -m pytest " in line and "PKA_STEP_LIMIT=" in line)
+    assert " -n 8 --timeout 120 --timeout-method thread " in pytest_call
+    assert any(line.startswith("timeout -k 20 -s INT 60 env OMP_NUM_THREADS=2 ") for line in lines)
+    triage = next(line for line in lines if "triage_failures.py" in line and "PKA_STEP_LIMIT=" in line)
+    assert triage.startswith("PKA_STEP_LIMIT=40 ") and "--deadline" not in triage
 
 
 def test_a_failed_build_ends_the_check_with_its_results_packed(tmp_path):
@@ -130,6 +163,55 @@ def test_triage_cuts_hung_variants_at_one_shared_deadline(tmp_path):
     report = json.loads((out / "triage.json").read_text())
     assert {r["rc"] for r in report["results"].values()} == {"timeout"}
     assert "| exit code | timeout | timeout |" in (out / "triage.md").read_text()
+
+
+def test_triage_ends_variants_stuck_in_a_cuda_call_at_one_deadline(tmp_path):
+    """A test stuck behind a hung kernel waits in a CUDA call, deaf to SIGINT (stood in for by a
+    second lock of a pthread mutex, which blocks in C with the GIL released). The ten variants
+    share one 10 s grace after the deadline; waited for one after another they took 10 x 10 s,
+    past the triage step's limit."""
+    (tmp_path / "test_stuck.py").write_text(
+        "import ctypes\n"
+        "def test_stuck():\n"
+        "    libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)\n"
+        "    libc.pthread_mutex_lock(mutex)\n"
+        "    libc.pthread_mutex_lock(mutex)\n")
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="test_stuck" name="test_stuck">'
+                     '<failure message="timeout"/></testcase></testsuite></testsuites>')
+    out = tmp_path / "triage"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"),
+                             str(junit), "--out", str(out), "--root", str(tmp_path), "--deadline", "3"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the triage and its stuck variants
+        proc.wait()
+        pytest.fail("the triage did not end within 60 s of a 3 s deadline")
+    report = json.loads((out / "triage.json").read_text())
+    assert {r["rc"] for r in report["results"].values()} == {"timeout"}
+
+
+def test_triage_deadline_follows_its_step_limit(tmp_path):
+    """Run as gpu_check.sh runs it when the budget cuts the triage step to 20 s: its deadline is
+    that limit less 15 s, so it writes its report before the step's timeout ends it."""
+    (tmp_path / "test_hangs.py").write_text("import time\n"
+                                            "def test_hangs():\n"
+                                            "    time.sleep(120)\n")
+    junit = tmp_path / "junit.xml"
+    junit.write_text('<testsuites><testsuite><testcase classname="test_hangs" name="test_hangs">'
+                     '<failure message="timeout"/></testcase></testsuite></testsuites>')
+    out = tmp_path / "triage"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    run = subprocess.run(["timeout", "-k", "5", "-s", "TERM", "20", sys.executable,
+                          os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
+                          "--out", str(out), "--root", str(tmp_path)],
+                         env=dict(env, PKA_STEP_LIMIT="20"), capture_output=True, timeout=60)
+    assert run.returncode == 0, run.stdout[-2000:]
+    assert (out / "triage.json").exists()
 
 
 def test_triage_skips_collection_errors(tmp_path):

@@ -130,19 +130,20 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
   nvcuda::wmma::detail::require(reinterpret_cast<std::uintptr_t>(row) % 16 == 0,
                                 "ldmatrix row address not 16-byte aligned");
   nvcuda::wmma::detail::require(__isShared(row), "ldmatrix address not in shared memory");
+  const Collective no_memory_order;
   uint64_t* slots = warp_slots();
   const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  slots[lane * kSlots] = reinterpret_cast<std::uintptr_t>(row);
-  __syncwarp();
+  put_slot(&slots[lane * kSlots], reinterpret_cast<std::uintptr_t>(row));
+  exchange_barrier();
   auto at = [&](unsigned m, unsigned k, unsigned e) {
-    return reinterpret_cast<const uint16_t*>(slots[(8 * m + k) * kSlots])[e];
+    return reinterpret_cast<const uint16_t*>(get_slot(&slots[(8 * m + k) * kSlots]))[e];
   };
   for (unsigned m = 0; m < 4; ++m) {
     const uint32_t lo = TRANS ? at(m, 2 * t, g) : at(m, g, 2 * t);
     const uint32_t hi = TRANS ? at(m, 2 * t + 1, g) : at(m, g, 2 * t + 1);
     r[m] = lo | hi << 16;
   }
-  __syncwarp();
+  exchange_barrier();
 }
 
 // mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}: c += A B with A 16 x 16 (registers
@@ -151,13 +152,14 @@ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
 // summed in fp32.
 template <typename T>
 void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  const Collective no_memory_order;
   uint64_t* slots = warp_slots();
   const unsigned lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
-  for (int i = 0; i < 4; ++i) slots[lane * kSlots + i] = a[i];
-  for (int i = 0; i < 2; ++i) slots[lane * kSlots + 4 + i] = b[i];
-  __syncwarp();
+  for (int i = 0; i < 4; ++i) put_slot(&slots[lane * kSlots + i], a[i]);
+  for (int i = 0; i < 2; ++i) put_slot(&slots[lane * kSlots + 4 + i], b[i]);
+  exchange_barrier();
   auto elem = [&](unsigned owner, unsigned reg, unsigned half) {
-    const uint16_t bits = static_cast<uint16_t>(slots[owner * kSlots + reg] >> (16 * half));
+    const uint16_t bits = static_cast<uint16_t>(get_slot(&slots[owner * kSlots + reg]) >> (16 * half));
     T x;
     std::memcpy(&x, &bits, 2);
     return to_f(x);
@@ -172,7 +174,7 @@ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2])
     for (unsigned k = 0; k < 16; ++k) s += A(m, k) * B(k, n);
     c[e] = s;
   }
-  __syncwarp();
+  exchange_barrier();
 }
 
 }  // namespace pka_emu

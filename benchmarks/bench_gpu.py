@@ -150,7 +150,7 @@ def bench_shape(shape, dtype, timer: Timer, bw: float, names) -> dict:
             # sticky error nothing more can run (the rows written so far stay).
             if not cuda_usable():
                 raise
-            row[f"error_{name}"] = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200]}"
+            row[f"error_{name}"] = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
             print(f"{shape} {name}: {row[f'error_{name}']}", flush=True)
     fwd_b, total_b = floor_bytes(B, H, T, d, q.element_size())
     row["fwd_floor_ms"] = fwd_b / bw * 1e3

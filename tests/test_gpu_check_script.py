@@ -316,6 +316,8 @@ def test_bench_gpu_goes_on_past_an_error_that_leaves_the_device_usable(tmp_path,
         if current == {"T": 512, "d": 64} and os.environ.get("PKA_FUSED_WORKSPACE") is None \
                 and os.environ.get("PKA_CUDA_UNFUSED") is None:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        if current == {"T": 1024, "d": 64} and os.environ.get("PKA_CUDA_UNFUSED") is None:
+            raise RuntimeError("")  # no message to quote
         return real_op(*args, **kwargs)
 
     monkeypatch.setattr(bench_gpu, "Timer", StubTimer)
@@ -334,9 +336,10 @@ def test_bench_gpu_goes_on_past_an_error_that_leaves_the_device_usable(tmp_path,
     failed = next(r for r in rows if r["T"] == 512)
     assert "fwd_ms_fused" not in failed and "fwdbwd_ms_fused" not in failed
     assert failed["error_fused"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert next(r for r in rows if r["T"] == 1024)["error_fused"] == "RuntimeError: "
     assert failed["fwd_ms_unfused"] == failed["fwdbwd_ms_composition"] == 1.0
     assert "fwd_ms_fwd4" not in failed and "error_fwd4" in failed and failed["fwd_ms_workspace"] == 1.0
-    assert all("fwd_ms_fused" in r and "fwd_ms_fwd4" in r for r in rows if r is not failed)
+    assert all("fwd_ms_fused" in r and "fwd_ms_fwd4" in r for r in rows if r["T"] not in (512, 1024))
     md = (tmp_path / "gpu" / "gpu_op_bfloat16.md").read_text()
     assert "| 256 | 2 | 512 | 64 | - | 1.000 | 1.000 | - | - | - | 1.000 | 1.000 | - | - |" in md
     assert "- T=512, d=64, fused: OutOfMemoryError: CUDA out of memory" in md

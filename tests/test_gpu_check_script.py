@@ -147,15 +147,19 @@ def test_triage_finds_the_switch_a_failure_depends_on(tmp_path):
     assert "| TestPath::test_needs_unfused | FAIL | pass |" in (out / "triage.md").read_text()
 
 
-def test_triage_cuts_hung_variants_at_one_shared_deadline(tmp_path):
-    (tmp_path / "test_hangs.py").write_text("import time\n"
-                                            "def test_hangs():\n"
-                                            "    time.sleep(120)\n")
+def _one_failed_test(tmp_path, name, body):
+    """A test module holding test ``name`` with ``body``, a junit report saying it failed, the
+    triage's output folder and an environment without the kernel switches."""
+    (tmp_path / f"{name}.py").write_text(f"def {name}():\n{body}")
     junit = tmp_path / "junit.xml"
-    junit.write_text('<testsuites><testsuite><testcase classname="test_hangs" name="test_hangs">'
+    junit.write_text(f'<testsuites><testsuite><testcase classname="{name}" name="{name}">'
                      '<failure message="timeout"/></testcase></testsuite></testsuites>')
-    out = tmp_path / "triage"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    return junit, tmp_path / "triage", env
+
+
+def test_triage_cuts_hung_variants_at_one_shared_deadline(tmp_path):
+    junit, out, env = _one_failed_test(tmp_path, "test_hangs", "    import time\n    time.sleep(120)\n")
     # With one wait per variant (each test sleeps 120 s) the run would not end within the guard.
     subprocess.run([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
                     "--out", str(out), "--root", str(tmp_path), "--deadline", "5"], env=env,
@@ -170,17 +174,12 @@ def test_triage_ends_variants_stuck_in_a_cuda_call_at_one_deadline(tmp_path):
     second lock of a pthread mutex, which blocks in C with the GIL released). The ten variants
     share one 10 s grace after the deadline; waited for one after another they took 10 x 10 s,
     past the triage step's limit."""
-    (tmp_path / "test_stuck.py").write_text(
-        "import ctypes\n"
-        "def test_stuck():\n"
+    junit, out, env = _one_failed_test(
+        tmp_path, "test_stuck",
+        "    import ctypes\n"
         "    libc, mutex = ctypes.CDLL(None), ctypes.create_string_buffer(64)\n"
         "    libc.pthread_mutex_lock(mutex)\n"
         "    libc.pthread_mutex_lock(mutex)\n")
-    junit = tmp_path / "junit.xml"
-    junit.write_text('<testsuites><testsuite><testcase classname="test_stuck" name="test_stuck">'
-                     '<failure message="timeout"/></testcase></testsuite></testsuites>')
-    out = tmp_path / "triage"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "benchmarks", "triage_failures.py"),
                              str(junit), "--out", str(out), "--root", str(tmp_path), "--deadline", "3"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -198,14 +197,7 @@ def test_triage_ends_variants_stuck_in_a_cuda_call_at_one_deadline(tmp_path):
 def test_triage_deadline_follows_its_step_limit(tmp_path):
     """Run as gpu_check.sh runs it when the budget cuts the triage step to 20 s: its deadline is
     that limit less 15 s, so it writes its report before the step's timeout ends it."""
-    (tmp_path / "test_hangs.py").write_text("import time\n"
-                                            "def test_hangs():\n"
-                                            "    time.sleep(120)\n")
-    junit = tmp_path / "junit.xml"
-    junit.write_text('<testsuites><testsuite><testcase classname="test_hangs" name="test_hangs">'
-                     '<failure message="timeout"/></testcase></testsuite></testsuites>')
-    out = tmp_path / "triage"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PKA_")}
+    junit, out, env = _one_failed_test(tmp_path, "test_hangs", "    import time\n    time.sleep(120)\n")
     run = subprocess.run(["timeout", "-k", "5", "-s", "TERM", "20", sys.executable,
                           os.path.join(REPO, "benchmarks", "triage_failures.py"), str(junit),
                           "--out", str(out), "--root", str(tmp_path)],

@@ -9,6 +9,7 @@ from torch import nn
 
 import python_ref
 from pka_ext.ops import pka_attention, seed_tensor
+from pka_ext.padding import integer_lengths
 
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
@@ -29,13 +30,7 @@ def as_lengths(lengths, device=None) -> torch.Tensor | None:
     """The modules' ``lengths``: None, or a tensor or sequence of integers, as the op's int64."""
     if lengths is None:
         return None
-    lengths = torch.as_tensor(lengths, device=device)
-    # An empty batch's lengths ([], torch.tensor([]), np.array([])) come out in the default float
-    # dtype, as nothing says otherwise; with no elements there is no non-integer to refuse.
-    if lengths.numel() and (lengths.dtype == torch.bool or lengths.dtype.is_floating_point
-                            or lengths.is_complex()):
-        raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
-    return lengths.long()
+    return integer_lengths(lengths, device).long()
 
 
 def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):

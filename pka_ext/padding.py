@@ -13,18 +13,25 @@ import numbers
 import torch
 
 
+def integer_lengths(lengths, device=None) -> torch.Tensor:
+    """``lengths`` (a tensor or a sequence) as a tensor of its integer dtype; the check the
+    modules and the padding conversions share."""
+    lengths = torch.as_tensor(lengths, device=device)
+    # An empty batch's lengths ([], torch.tensor([]), np.array([])) come out in the default float
+    # dtype, as nothing says otherwise; with no elements there is no non-integer to refuse.
+    if lengths.numel() and (lengths.dtype == torch.bool or lengths.is_floating_point()
+                            or lengths.is_complex()):
+        raise TypeError(f"lengths must hold integers, got {lengths.dtype}")
+    return lengths
+
+
 def _check(x, lengths) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"x must be [B, T, ...] (batch, then time), got shape {tuple(x.shape)}")
     B, T = x.shape[:2]
-    lengths = torch.as_tensor(lengths)
-    # An empty batch's lengths ([], torch.tensor([]), np.array([])) come out in the default float
-    # dtype, as nothing says otherwise; with no elements there is no non-integer to refuse.
-    if lengths.numel() and (lengths.dtype == torch.bool or lengths.is_floating_point()
-                            or lengths.is_complex()):
-        raise TypeError(f"lengths must hold integers, got dtype {lengths.dtype}")
+    lengths = integer_lengths(lengths)
     if lengths.shape != (B,):
         raise ValueError(f"lengths must be [B] = [{B}] to match x of shape {tuple(x.shape)}, "
                          f"got shape {tuple(lengths.shape)}")

@@ -304,7 +304,8 @@ class PKATransformer(nn.Module):
         B, T, _ = x.shape
         if T > self.max_len:
             raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")
-        kernels = [(a_k.to(x.dtype), a_v.to(x.dtype)) for a_k, a_v in self.kernel_matrices(T)]
+        # Not cast here: attention() rounds them once, to the projections' dtype.
+        kernels = self.kernel_matrices(T)
         return run_blocks(self.blocks, self.final_ln, x, as_lengths(lengths), kernels)
 
 

@@ -117,6 +117,30 @@ def test_transformer_under_cpu_bfloat16_autocast():
     assert_grads_finite(m, nonzero=True)
 
 
+def test_transformer_rounds_kernels_once_to_the_projections_dtype(monkeypatch):
+    """The kernels reach the op cast straight to q's dtype, not through the input's dtype first
+    (float32 -> float16 -> bfloat16 rounds some entries differently from float32 -> bfloat16)."""
+    import pka_ext.modules
+
+    seen = []
+    op = pka_ext.modules.pka_attention
+
+    def spy(q, k, v, a_k, a_v, *args, **kw):
+        seen.append((q.dtype, a_k, a_v))
+        return op(q, k, v, a_k, a_v, *args, **kw)
+
+    monkeypatch.setattr(pka_ext.modules, "pka_attention", spy)
+    torch.manual_seed(0)
+    T = 50
+    m = PKATransformer(1, 16, 2, max_len=T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        m(torch.randn(2, T, 16, dtype=torch.float16), torch.tensor([T, 3]))
+    (dtype, a_k, a_v), = seen
+    k_kernel, v_kernel = m.kernel_matrices(T)[0]
+    assert dtype == torch.bfloat16
+    assert torch.equal(a_k, k_kernel.to(dtype)) and torch.equal(a_v, v_kernel.to(dtype))
+
+
 def test_transformer_compiles_without_graph_breaks():
     m, x, lens = _float32_transformer_and_batch()
     eager = m(x, lens)

@@ -175,7 +175,8 @@ def cmd_train(args) -> None:
 
 
 def _data_config(args, dc: DataConfig) -> DataConfig:
-    """The training run's data config with evaluate's / recommend's --data, --format, ... applied."""
+    """The training run's data config with evaluate's, recommend's or plot-kernels' --data,
+    --format, ... applied."""
     if args.format is not None and args.format != dc.format:
         # The training run's csv columns and separator describe its file, not this one.
         dc = dataclasses.replace(dc, format=args.format, columns=None, sep=None)
@@ -319,7 +320,8 @@ def _option(parser, *flags, help: str, **kw) -> None:
 
 
 def _data_options(parser, *, data: bool = True) -> None:
-    """evaluate's and recommend's data file options; each defaults to the training run's."""
+    """evaluate's, recommend's and plot-kernels' data file options; each defaults to the training
+    run's."""
     if data:
         _option(parser, "--data", default=None, help="data file (default: the one it was trained on)")
     _option(parser, "--format", default=None, choices=sorted(FORMATS) + ["synthetic"],

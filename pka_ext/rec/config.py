@@ -68,10 +68,9 @@ def _number(ok):
         and ok(v)
 
 
-# ModelConfig's PSA kernel settings and their defaults (the paper's best setting).
-_PSA_DEFAULTS = {"key_kernel": "toeplitz", "value_kernel": "full", "share_key_kernel": False,
-                 "share_value_kernel": True, "normalize_kernels": True,
-                 "add_positional_embedding": False}
+# ModelConfig's fields that only psa reads; the other models accept only their defaults.
+_PSA_ONLY = ("key_kernel", "value_kernel", "share_key_kernel", "share_value_kernel",
+             "normalize_kernels", "add_positional_embedding")
 
 
 @dataclass
@@ -80,7 +79,8 @@ class ModelConfig:
 
     ``model`` picks the positional scheme: ``psa`` (positional kernels, no positional embedding),
     ``sasrec`` (learned absolute positional embeddings), ``nope`` (none), ``rope`` (rotary
-    embeddings on queries and keys). The ``*_kernel`` fields apply to ``psa`` only.
+    embeddings on queries and keys). The kernel fields and ``add_positional_embedding`` apply to
+    ``psa`` only; another model refuses values other than their defaults.
     """
 
     model: str = "psa"
@@ -115,8 +115,9 @@ class ModelConfig:
         _plain(self, bool, ("share_key_kernel", "share_value_kernel", "normalize_kernels",
                             "add_positional_embedding"))
         _plain(self, str, ("model", "block", "key_kernel", "value_kernel", "backend"))
-        psa_only = {name: getattr(self, name) for name, default in _PSA_DEFAULTS.items()
-                    if getattr(self, name) != default}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        psa_only = {name: getattr(self, name) for name in _PSA_ONLY
+                    if getattr(self, name) != defaults[name]}
         if self.model != "psa" and psa_only:
             # Accepted silently, they would change nothing while the run's config said otherwise.
             raise ValueError(f"the PSA kernel settings apply to model 'psa' only, not "
@@ -257,17 +258,22 @@ class DataConfig:
 
     @property
     def dataset_name(self) -> str:
+        """``name``, else the data file's name without its suffix, else ``format``."""
         if self.name:
             return self.name
         if self.path:
-            import os
-
             return os.path.splitext(os.path.basename(self.path.rstrip("/")))[0]
         return self.format
 
 
 @dataclass
 class RunConfig:
+    """One run's settings, the sections in the order ``model``, ``train``, ``data``.
+
+    ``to_dict`` / ``from_dict`` (and the JSON pair) round-trip it; checkpoints and metrics.json
+    store the dict, and ``from_dict`` fills fields added since with their defaults.
+    """
+
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -81,6 +81,8 @@ class Recommender:
 
     @classmethod
     def load(cls, path: str, device="cpu") -> "Recommender":
+        """The model, config and id maps of a checkpoint that ``pka-rec train`` or ``train_run``
+        wrote, on ``device``, in eval mode; raises as :func:`load_checkpoint` does."""
         return cls.from_checkpoint(load_checkpoint(path, device), device)
 
     @classmethod

@@ -14,7 +14,6 @@ import tempfile
 import time
 
 import torch
-import torch.distributed as dist
 
 from pka_ext.rec.config import DataConfig, RunConfig, TrainConfig
 from pka_ext.rec.data import DataError, Interactions, load
@@ -23,7 +22,7 @@ from pka_ext.rec.models import SeqRecModel
 from pka_ext.rec.protocols import Split, leave_one_out, temporal
 from pka_ext.rec.recommender import CheckpointError, load_checkpoint, save_checkpoint
 from pka_ext.rec.synthetic import make_synthetic
-from pka_ext.rec.train import TrainState, fit
+from pka_ext.rec.train import TrainState, fit, world_and_rank
 
 
 def load_interactions(dc: DataConfig, seed: int = 0) -> Interactions:
@@ -91,7 +90,7 @@ def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,
     recorded with format ``"events"`` (evaluating the checkpoint then needs the data again).
     Returns the metrics also written to ``metrics.json``.
     """
-    world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
+    world, rank = world_and_rank()
     # Checked now, not when the first epoch ends: an out_dir that cannot be a folder fails at once.
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise NotADirectoryError(errno.ENOTDIR, "the output folder is a file", out_dir)

@@ -87,7 +87,8 @@ def _empty_val_reason(split) -> str:
     return "leave-one-out scores users with at least 3 items; give users more history"
 
 
-def _world():
+def world_and_rank() -> tuple[int, int]:
+    """The process group's world size and this process's rank; (1, 0) without one."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
     return 1, 0
@@ -111,7 +112,7 @@ def train_steps(model, optimizer, inputs: np.ndarray, targets: np.ndarray, batch
     world size that DDP's gradient averaging divides by, so the update equals the single-process
     update on the same global batch.
     """
-    world, rank = _world()
+    world, rank = world_and_rank()
     gen = torch.Generator().manual_seed(int(np.random.SeedSequence([cfg.seed, epoch]).generate_state(1)[0]))
     total, count = 0.0, 0
     device_type = torch.device(device).type
@@ -174,7 +175,7 @@ def fit(model, split, cfg: TrainConfig, *, state: TrainState | None = None, log=
     """
     from tqdm.auto import tqdm
 
-    world, rank = _world()
+    world, rank = world_and_rank()
     device = torch.device(cfg.device)
     torch.manual_seed(cfg.seed)
     state = state or TrainState()

@@ -14,10 +14,21 @@ from pka_ext.padding import integer_lengths
 BACKENDS = ("auto", "cpu", "cuda", "reference")
 
 
-def _check_sizes(**sizes) -> None:
+def int_at_least(value, minimum: int = 1) -> bool:
+    """Whether ``value`` is an integer, Python's or numpy's, of at least ``minimum``.
+
+    The one rule for the sizes, counts and cutoffs the package takes (the modules' sizes, the run
+    configs, the recommender's and evaluation's ``k`` and ``batch_size``), so that one value is
+    not accepted by one of them and refused by another. bool is refused though Python counts it
+    an int: ``True`` given as a size is a mistake, not 1. A tensor is refused, as it is no number.
+    """
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= minimum
+
+
+def check_sizes(**sizes) -> None:
     """Raises a ValueError naming the first of ``sizes`` that is not a positive integer."""
     for name, value in sizes.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        if not int_at_least(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
@@ -52,6 +63,18 @@ def attention(q, k, v, a_k, a_v, lengths, *, dropout_p: float, backend: str):
     return pka_attention(q, k, v, a_k, a_v, lengths, dropout_p=dropout_p)
 
 
+def project_heads(attn: nn.Module, query: torch.Tensor, key_value: torch.Tensor):
+    """``attn``'s queries from ``query`` and keys and values from ``key_value``, each
+    ``[B, H, T, head_dim]``: PKAttention's ``q_proj`` and ``kv_proj`` (keys, then values), a layout
+    the recommender's baseline attention shares. Its attention maps (``pka_ext.rec.plots``) are
+    drawn from these, so they are the heads the forward computes."""
+    B, T, _ = query.shape
+    H, hd = attn.num_heads, attn.head_dim
+    q = attn.q_proj(query).view(B, T, H, hd).transpose(1, 2)
+    k, v = attn.kv_proj(key_value).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
+    return q, k, v
+
+
 class PositionalKernel(nn.Module):
     """A learnable lower-triangular mixing matrix over time positions.
 
@@ -82,9 +105,9 @@ class PositionalKernel(nn.Module):
         super().__init__()
         if kind not in ("toeplitz", "full"):
             raise ValueError(f"kind must be 'toeplitz' or 'full', got {kind!r}")
-        _check_sizes(max_len=max_len)
+        check_sizes(max_len=max_len)
         if num_heads is not None:
-            _check_sizes(num_heads=num_heads)
+            check_sizes(num_heads=num_heads)
         self.max_len, self.kind, self.normalize = max_len, kind, normalize
         self.fix_first = fix_first and kind == "toeplitz"
         self.num_heads = num_heads
@@ -157,7 +180,7 @@ class PKAttention(nn.Module):
     def __init__(self, embed_dim: int, num_heads: int, max_len: int, dropout: float = 0.0,
                  bias: bool = True, backend: str = "auto"):
         super().__init__()
-        _check_sizes(embed_dim=embed_dim, num_heads=num_heads, max_len=max_len)
+        check_sizes(embed_dim=embed_dim, num_heads=num_heads, max_len=max_len)
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim={embed_dim} must be divisible by num_heads={num_heads}")
         if not 0.0 <= dropout < 1.0:
@@ -183,9 +206,7 @@ class PKAttention(nn.Module):
         B, T, D = query.shape
         if T > self.max_len:
             raise ValueError(f"sequence length T={T} exceeds max_len={self.max_len}")
-        H, hd = self.num_heads, self.head_dim
-        q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        k, v = self.kv_proj(key_value).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B, H, T, hd]
+        q, k, v = project_heads(self, query, key_value)
         p = self.dropout if self.training else 0.0
         o = attention(q, k, v, key_kernel, value_kernel, lengths, dropout_p=p, backend=self.backend)
         return self.out_proj(o.transpose(1, 2).reshape(B, T, D))
@@ -268,7 +289,7 @@ class PKATransformer(nn.Module):
                  share_value_kernel: bool = True, normalize_kernels: bool = True,
                  per_head_kernels: bool = False, block: str = "pre_ln", backend: str = "auto"):
         super().__init__()
-        _check_sizes(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
+        check_sizes(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
                      max_len=max_len, ffn_dim=embed_dim if ffn_dim is None else ffn_dim)
         for name, kind in (("key_kernel", key_kernel), ("value_kernel", value_kernel)):
             if kind not in ("toeplitz", "full"):

@@ -727,6 +727,15 @@ def test_configs_reject_bad_fields_by_name(cls, field, value, match):
     assert ModelConfig(num_items=np.int64(5)).num_items == 5  # numpy integers count as integers
 
 
+def test_cli_train_defaults_are_the_configs_defaults():
+    """`pka-rec train` without options builds RunConfig(): the CLI takes its defaults from the
+    config dataclasses, and an option whose default is edited on one side only fails here."""
+    from pka_ext.rec.cli import _run_config, build_parser
+
+    args = build_parser().parse_args(["train", "--out", "run"])
+    assert _run_config(args) == RunConfig()
+
+
 def test_psa_kernel_settings_are_refused_for_other_models(tmp_path):
     with pytest.raises(ValueError, match=r"the PSA kernel settings apply to model 'psa' only, not "
                                          r"'nope': got \{'add_positional_embedding': True\}"):
@@ -862,6 +871,39 @@ def test_recommend_names_a_bad_batch_size_or_history():
         with pytest.raises(TypeError, match=r"history must be a list of item ids, or a list of "
                                             r"such lists, not "):
             rec.recommend(bad, 3)
+
+
+@pytest.mark.parametrize("value,ok", [
+    (3, True), (np.int64(3), True), (np.uint8(3), True),
+    (0, False), (True, False), (np.bool_(True), False), (3.0, False), ("3", False),
+    (torch.tensor(3), False),
+])
+def test_sizes_counts_and_cutoffs_take_the_same_integers(value, ok):
+    """The modules, the configs, recommend and evaluate share one rule (a Python or numpy integer,
+    not bool) and name a refused value as it was given. evaluate took a numpy k for a collection
+    (TypeError) and True for the cutoff 1 (keys 'ndcg@True'); recommend printed the string '3' as
+    3, which reads as a valid k."""
+    from pka_ext.modules import PositionalKernel
+
+    rec = _tiny_recommender()
+    model = FixedScorer([9.0, 5.0, 4.0, 3.0, 2.0, 1.0])
+    es = EvalSet(contexts=[np.array([1, 2])], targets=np.array([3]), users=np.arange(1))
+    calls = [
+        ("max_len", lambda: PositionalKernel(value)),
+        ("num_blocks", lambda: ModelConfig(num_blocks=value)),
+        ("batch_size", lambda: TrainConfig(batch_size=value)),
+        ("k", lambda: rec.recommend(["1", "2"], value)),
+        ("batch_size", lambda: rec.user_vectors([["1", "2"]], batch_size=value)),
+        ("k", lambda: evaluate(model, es, num_items=5, k=value)),
+    ]
+    for name, call in calls:
+        if ok:
+            call()
+        else:
+            with pytest.raises(ValueError, match=rf"{name} must .*got {re.escape(repr(value))}$"):
+                call()
+    if ok:
+        assert list(evaluate(model, es, num_items=5, k=value))[0] == "ndcg@3"
 
 
 def test_cli_recommend_says_why_a_known_history_leaves_nothing(tmp_path, capsys):
@@ -1016,6 +1058,35 @@ def test_train_run_names_an_unavailable_device_before_any_work(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name", ["cpu", "cuda", f"cuda:{torch.cuda.device_count()}", "tpu",
+                                  "cuda:x", ""])
+def test_cli_config_and_train_run_agree_on_devices(name, tmp_path, capsys):
+    """One check (config.device_problem) behind --device, TrainConfig.device (the name only: a
+    config travels to other machines) and train_run's check before any work."""
+    from pka_ext.rec.cli import build_parser
+    from pka_ext.rec.config import device_problem
+    from pka_ext.rec.runner import check_device
+
+    problem = device_problem(name)
+    argv = ["train", "--device", name, "--out", str(tmp_path / "o")]
+    if problem:
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(argv)
+        assert f"argument --device: {problem}" in capsys.readouterr().err
+    else:
+        assert build_parser().parse_args(argv).device == name
+    named = device_problem(name, here=False) is None
+    assert named == (name in ("cpu", "cuda", f"cuda:{torch.cuda.device_count()}"))
+    if not named:
+        with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
+            TrainConfig(device=name)
+    elif problem:
+        with pytest.raises(ValueError, match=rf"device {name!r} is not available here"):
+            check_device(TrainConfig(device=name).device)
+    else:
+        check_device(TrainConfig(device=name).device)
+
+
 def test_plot_kernels_without_a_history_as_long_as_max_len_draws_the_kernels(tmp_path, capsys):
     """README: train on the built-in data with the defaults (max_len 50), then plot-kernels. The
     built-in histories have at most 40 items, too few for the attention map, which used to stop
@@ -1038,6 +1109,39 @@ def test_plot_kernels_without_a_history_as_long_as_max_len_draws_the_kernels(tmp
     with pytest.raises(SystemExit, match="pka-rec plot-kernels: no history has at least "
                                          "max_len=50 items"):
         cli_main(["plot-kernels", "--checkpoint", ckpt, "--out", png])
+
+
+@pytest.mark.parametrize("model", ["psa", "sasrec", "rope"])
+def test_average_attention_is_the_first_blocks_own_attention(model, monkeypatch):
+    """plots.average_attention recomputes block 1's scores from its inputs: they must be the
+    queries and keys the forward scores (PSA: keys mixed by A_k; rope: both rotated)."""
+    import python_ref
+    from pka_ext.rec.plots import average_attention
+
+    torch.manual_seed(0)
+    net = SeqRecModel(ModelConfig(model=model, num_items=30, hidden=16, num_heads=2, max_len=6,
+                                  dropout=0.0, backend="reference" if model == "psa" else "auto"))
+    seen = []
+    if model == "psa":
+        ref = python_ref.pka_attention
+
+        def spy(q, k, v, a_k, a_v, *args, **kw):
+            seen.append((q, a_k.tril() @ k))
+            return ref(q, k, v, a_k, a_v, *args, **kw)
+        monkeypatch.setattr(python_ref, "pka_attention", spy)
+    else:
+        sdpa = F.scaled_dot_product_attention
+
+        def spy(q, k, v, **kw):
+            seen.append((q, k))
+            return sdpa(q, k, v, **kw)
+        monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    contexts = [np.random.default_rng(i).integers(1, 31, size=6 + i % 3) for i in range(5)]
+    got = average_attention(net, contexts)
+    q, k = seen[0]  # block 1, in average_attention's own forward pass
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    s = s.masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -INF)
+    np.testing.assert_allclose(got, s.softmax(-1).mean(dim=(0, 1)).numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_resuming_a_finished_run_continues_from_its_last_weights_not_its_best(tmp_path, monkeypatch):

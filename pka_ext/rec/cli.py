@@ -18,7 +18,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pka_ext.rec.config import MODELS, DataConfig, ModelConfig, RunConfig, TrainConfig
+from pka_ext.rec.config import (BLOCKS, KERNELS, MODELS, DataConfig, ModelConfig, RunConfig,
+                                TrainConfig, device_problem)
 from pka_ext.rec.data import FORMATS, DataError
 from pka_ext.rec.recommender import CheckpointError, Recommender, load_checkpoint
 from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
@@ -49,7 +50,9 @@ _ONLY_FOR = (
     ("test_start", "--test-start", lambda a: a.protocol == "temporal", "--protocol temporal"),
     ("skip_bad", "--skip-bad", lambda a: a.data is not None, "a data file (--data)"),
 )
-_TRAIN_DEFAULTS, _DATA_DEFAULTS = TrainConfig(), DataConfig()
+# train's defaults are the configs': repeated as literals here, they had only to drift apart for
+# `pka-rec train` and train_run to train different models from the same "defaults".
+_MODEL_DEFAULTS, _TRAIN_DEFAULTS, _DATA_DEFAULTS = ModelConfig(), TrainConfig(), DataConfig()
 
 
 def _run_config(args) -> RunConfig:
@@ -136,17 +139,9 @@ def _train_format(data: str | None, fmt: str | None) -> str:
 
 def _device(text: str) -> str:
     """--device: cpu, cuda or cuda:N that this machine has (checked before any work is done)."""
-    try:
-        dev = torch.device(text)
-    except RuntimeError:
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N, got {text!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA device is available here")
-    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} "
-                                         f"CUDA device(s)")
+    problem = device_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
     return text
 
 
@@ -356,26 +351,31 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--skip-bad", action="store_true",
             help="skip malformed data lines with one warning that counts them and shows the first "
             "(default: stop at the first, naming file:line)")
-    _option(t, "--protocol", default="loo", choices=["loo", "temporal"],
+    _option(t, "--protocol", default=_DATA_DEFAULTS.protocol, choices=["loo", "temporal"],
             help="leave-one-out, or the global temporal split (needs timestamps)")
-    _option(t, "--model", default="psa", choices=MODELS,
+    _option(t, "--model", default=_MODEL_DEFAULTS.model, choices=MODELS,
             help="PSA, or a baseline: learned absolute positions, none, rotary")
-    _option(t, "--epochs", type=_positive_int, default=50,
+    _option(t, "--epochs", type=_positive_int, default=_TRAIN_DEFAULTS.epochs,
             help="most epochs (early stopping may end sooner)")
-    _option(t, "--seed", type=_seed, default=0,
+    _option(t, "--seed", type=_seed, default=_TRAIN_DEFAULTS.seed,
             help="weights, batch order, dropout, negatives, synthetic data")
-    _option(t, "--max-len", type=_positive_int, default=50,
+    _option(t, "--max-len", type=_positive_int, default=_MODEL_DEFAULTS.max_len,
             help="context length T (the most recent items)")
-    _option(t, "--hidden", type=_positive_int, default=64, help="embedding and hidden size D")
-    _option(t, "--blocks", type=_positive_int, default=2, help="transformer blocks")
-    _option(t, "--heads", type=_positive_int, default=1, help="attention heads")
-    _option(t, "--dropout", type=_probability, default=0.2,
+    _option(t, "--hidden", type=_positive_int, default=_MODEL_DEFAULTS.hidden,
+            help="embedding and hidden size D")
+    _option(t, "--blocks", type=_positive_int, default=_MODEL_DEFAULTS.num_blocks,
+            help="transformer blocks")
+    _option(t, "--heads", type=_positive_int, default=_MODEL_DEFAULTS.num_heads,
+            help="attention heads")
+    _option(t, "--dropout", type=_probability, default=_MODEL_DEFAULTS.dropout,
             help="embedding, attention and residual dropout")
-    _option(t, "--block", default="pre_ln", choices=["pre_ln", "authors"],
+    _option(t, "--block", default=_MODEL_DEFAULTS.block, choices=BLOCKS,
             help="pre-LN blocks, or the authors' (attention residual from LayerNorm(X))")
     k = t.add_argument_group("psa kernels (ablations; defaults are the paper's best setting)")
-    _option(k, "--key-kernel", default="toeplitz", choices=["toeplitz", "full"], help="A_k's form")
-    _option(k, "--value-kernel", default="full", choices=["toeplitz", "full"], help="A_v's form")
+    _option(k, "--key-kernel", default=_MODEL_DEFAULTS.key_kernel, choices=KERNELS,
+            help="A_k's form")
+    _option(k, "--value-kernel", default=_MODEL_DEFAULTS.value_kernel, choices=KERNELS,
+            help="A_v's form")
     _option(k, "--share-key-kernel", action="store_true", help="one key kernel for all layers")
     _option(k, "--per-layer-value-kernel", action="store_true",
             help="one value kernel per layer instead of one shared by all layers")
@@ -383,12 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
             help="train the kernels unnormalised (L2 for Toeplitz, Frobenius for full)")
     _option(k, "--add-positional-embedding", action="store_true",
             help="psa plus learned absolute positional embeddings")
-    _option(t, "--batch-size", type=_positive_int, default=128,
+    _option(t, "--batch-size", type=_positive_int, default=_TRAIN_DEFAULTS.batch_size,
             help="sequences per step (global, under DDP)")
-    _option(t, "--lr", type=_positive_float, default=1e-3, help="Adam learning rate")
-    _option(t, "--patience", type=_positive_int, default=5,
-            help="epochs without a better validation NDCG@10 before stopping")
-    _option(t, "--loss", default="ce", choices=["ce", "sampled"],
+    _option(t, "--lr", type=_positive_float, default=_TRAIN_DEFAULTS.lr, help="Adam learning rate")
+    _option(t, "--patience", type=_positive_int, default=_TRAIN_DEFAULTS.patience,
+            help=f"epochs without a better validation NDCG@{_TRAIN_DEFAULTS.eval_k} before "
+            "stopping")
+    _option(t, "--loss", default=_TRAIN_DEFAULTS.loss, choices=["ce", "sampled"],
             help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
     _option(t, "--negatives", type=_positive_int, default=None,
             help=f"negatives for --loss sampled (default: {_TRAIN_DEFAULTS.num_negatives})")
@@ -396,12 +397,14 @@ def build_parser() -> argparse.ArgumentParser:
             help=f"temporal: validation quantile (default: {_DATA_DEFAULTS.val_start})")
     _option(t, "--test-start", type=_quantile, default=None,
             help=f"temporal: test quantile (default: {_DATA_DEFAULTS.test_start})")
-    _option(t, "--max-eval-events", type=_positive_int, default=None,
+    _option(t, "--max-eval-events", type=_positive_int, default=_DATA_DEFAULTS.max_eval_events,
             help="temporal: evaluate the first N validation and test events in time order "
                  "(default: all of them)")
-    _option(t, "--report-k", type=_cutoffs, default="5,10,20", metavar="K[,K...]",
-            help="cutoffs of the NDCG, HR and COV in metrics.json (early stopping uses NDCG@10)")
-    _option(t, "--device", type=_device, default="cpu", help="cpu, cuda or cuda:N")
+    _option(t, "--report-k", type=_cutoffs, metavar="K[,K...]",
+            default=",".join(map(str, _TRAIN_DEFAULTS.report_ks)),
+            help=f"cutoffs of the NDCG, HR and COV in metrics.json (early stopping uses "
+            f"NDCG@{_TRAIN_DEFAULTS.eval_k})")
+    _option(t, "--device", type=_device, default=_TRAIN_DEFAULTS.device, help="cpu, cuda or cuda:N")
     _option(t, "--amp", action="store_true",
             help="bfloat16 autocast for training (evaluation stays float32)")
     _option(t, "--name", default=None,

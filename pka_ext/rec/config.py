@@ -10,8 +10,9 @@ import os
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
-from pka_ext.modules import BACKENDS
+from pka_ext.modules import BACKENDS, int_at_least
 from pka_ext.rec.data import FORMATS
 
 MODELS = ("psa", "sasrec", "nope", "rope")
@@ -24,10 +25,6 @@ def _require(cfg, name: str, ok, expected: str) -> None:
     value = getattr(cfg, name)
     if not ok(value):
         raise ValueError(f"{name} must be {expected}, got {value!r}")
-
-
-def _int_at_least(minimum: int):
-    return lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= minimum
 
 
 def _flag(v) -> bool:
@@ -53,14 +50,33 @@ def _plain(cfg, kind, names) -> None:
             setattr(cfg, name, kind(value))
 
 
-def _device_name(v) -> bool:
-    """A device string this code can train on (whether this machine has it: runner.check_device)."""
-    import torch
+def cuda_device_count() -> int:
+    """The CUDA devices this process can use (device_count alone can count GPUs that no usable
+    driver serves)."""
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
+
+def device_problem(device, *, here: bool = True) -> str | None:
+    """None if ``device`` is a string naming a CPU or CUDA device (the kinds this code runs on)
+    and, with ``here``, one this machine has; else what is wrong, as pka-rec's --device says it.
+
+    The one device check: TrainConfig.device (the name only, as configs travel in checkpoints to
+    other machines), pka-rec's --device and train_run, which checks before any work is done.
+    """
     try:
-        return isinstance(v, str) and torch.device(v).type in ("cpu", "cuda")
+        dev = torch.device(device) if isinstance(device, str) else None
     except RuntimeError:
-        return False
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        return f"expected cpu, cuda or cuda:N, got {device!r}"
+    if not here or dev.type != "cuda":
+        return None
+    count = cuda_device_count()
+    if count == 0:
+        return f"{device!r}: no CUDA device is available here"
+    if (dev.index or 0) >= count:
+        return f"{device!r}: this machine has {count} CUDA device(s)"
+    return None
 
 
 def _number(ok):
@@ -101,8 +117,9 @@ class ModelConfig:
 
     def __post_init__(self):
         for name in ("hidden", "num_blocks", "num_heads", "max_len"):
-            _require(self, name, _int_at_least(1), "a positive integer")
-        _require(self, "num_items", _int_at_least(0), "a non-negative integer (0: from the data)")
+            _require(self, name, int_at_least, "a positive integer")
+        _require(self, "num_items", lambda v: int_at_least(v, 0),
+                 "a non-negative integer (0: from the data)")
         _require(self, "dropout", _number(lambda v: 0 <= v < 1), "a number in [0, 1)")
         for name, allowed in (("model", MODELS), ("block", BLOCKS), ("key_kernel", KERNELS),
                               ("value_kernel", KERNELS), ("backend", BACKENDS)):
@@ -151,17 +168,18 @@ class TrainConfig:
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "patience", "num_negatives", "eval_batch_size"):
-            _require(self, name, _int_at_least(1), "a positive integer")
+            _require(self, name, int_at_least, "a positive integer")
         _require(self, "lr", _number(lambda v: v > 0), "a positive number")
         _require(self, "weight_decay", _number(lambda v: v >= 0), "a non-negative number")
         _require(self, "loss", ("ce", "sampled").__contains__, "'ce' or 'sampled'")
         # numpy's seed sequences, which order the batches, take non-negative integers only.
-        _require(self, "seed", _int_at_least(0), "a non-negative integer")
-        _require(self, "device", _device_name, "'cpu', 'cuda' or 'cuda:N'")
+        _require(self, "seed", lambda v: int_at_least(v, 0), "a non-negative integer")
+        _require(self, "device", lambda v: device_problem(v, here=False) is None,
+                 "'cpu', 'cuda' or 'cuda:N'")
         ks = self.report_ks
         self.report_ks = list(ks) if isinstance(ks, (list, tuple)) else ks
         if not isinstance(self.report_ks, list) or not all(
-                _int_at_least(1)(c) for c in [self.eval_k, *self.report_ks]):
+                int_at_least(c) for c in [self.eval_k, *self.report_ks]):
             raise ValueError(f"eval_k must be a positive integer and report_ks a list of them, "
                              f"got {self.eval_k!r} and {ks!r}")
         _require(self, "amp", _flag, "True or False")
@@ -211,7 +229,7 @@ class DataConfig:
         if self.val_start > self.test_start:
             raise ValueError(f"val_start={self.val_start} must be <= test_start={self.test_start}: "
                              f"the validation period comes before the test period")
-        _require(self, "max_eval_events", lambda v: v is None or _int_at_least(1)(v),
+        _require(self, "max_eval_events", lambda v: v is None or int_at_least(v),
                  "a positive integer or None (all events)")
         if self.max_eval_events is not None and self.protocol != "temporal":
             # Leave-one-out scores every user; the cap, accepted, would change nothing while the

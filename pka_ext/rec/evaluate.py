@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable
 
 import numpy as np
 import torch
+
+from pka_ext.modules import int_at_least
 
 
 def pad_left(seqs, length: int) -> np.ndarray:
@@ -107,9 +110,13 @@ def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
     items only: padding and excluded items never count, even when too few items are left to fill
     a list).
     """
-    ks = sorted({k} if isinstance(k, int) else set(k))
-    if not ks or ks[0] < 1:
+    try:
+        cutoffs = [k] if isinstance(k, numbers.Integral) else list(k)
+    except TypeError:  # neither an integer nor a collection (a float, say): refused below
+        cutoffs = [k]
+    if not cutoffs or not all(int_at_least(c) for c in cutoffs):
         raise ValueError(f"k must be one or more positive cutoffs, got {k!r}")
+    ks = sorted({int(c) for c in cutoffs})
     was_training = model.training
     model.eval()
     targets = np.asarray(evalset.targets, dtype=np.int64)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pka_ext.modules import PKABlock, PKATransformer, padding_mask, run_blocks
+from pka_ext.modules import PKABlock, PKATransformer, padding_mask, project_heads, run_blocks
 from pka_ext.rec.config import ModelConfig
 
 
@@ -43,15 +43,20 @@ class SDPAttention(nn.Module):
             self.register_buffer("cos", ang.cos(), persistent=False)
             self.register_buffer("sin", ang.sin(), persistent=False)
 
+    def project(self, query, key_value):
+        """q, k, v ``[B, H, T, head_dim]`` as the attention scores them: with rope, queries and
+        keys rotated."""
+        q, k, v = project_heads(self, query, key_value)
+        if self.rope:
+            T = query.shape[1]
+            cos, sin = self.cos[-T:].to(q.dtype), self.sin[-T:].to(q.dtype)
+            q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+        return q, k, v
+
     def forward(self, query, key_value=None, lengths=None, *, key_kernel=None, value_kernel=None):
         key_value = query if key_value is None else key_value
         B, T, D = query.shape
-        H, hd = self.num_heads, self.head_dim
-        q = self.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
-        k, v = self.kv_proj(key_value).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
-        if self.rope:
-            cos, sin = self.cos[-T:].to(q.dtype), self.sin[-T:].to(q.dtype)
-            q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+        q, k, v = self.project(query, key_value)
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         valid = padding_mask(lengths, B, T, q.device)
         if valid is None:

@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 import torch
 
+from pka_ext.modules import project_heads
+
 
 def _pyplot():
     try:
@@ -47,7 +49,8 @@ def average_attention(model, contexts, max_batches: int = 8, batch_size: int = 2
     """Mean attention map [T, T] of the first block over full-length histories.
 
     For PSA: softmax(scale * Q (A_k K0)^T) with the model's own projections and kernels; for the
-    baselines the same with their keys (positional embeddings already in the input).
+    baselines softmax(scale * Q K^T) with their queries and keys (rotated for rope; sasrec's
+    positional embeddings are already in the input).
     """
     from pka_ext.rec.evaluate import pad_left
 
@@ -64,17 +67,12 @@ def average_attention(model, contexts, max_batches: int = 8, batch_size: int = 2
     hook.remove()
     query, key_value = captured["args"][:2]
     attn = block.attn
-    B, H, hd = seqs.shape[0], attn.num_heads, attn.head_dim
-    q = attn.q_proj(query).view(B, T, H, hd).transpose(1, 2)
-    k = attn.kv_proj(key_value).view(B, T, 2, H, hd)[:, :, 0].transpose(1, 2)
     if model.cfg.model == "psa":
+        q, k, _ = project_heads(attn, query, key_value)
         k = model.backbone.kernel_matrices(T)[0][0].to(k.dtype) @ k
-    elif getattr(attn, "rope", False):
-        from pka_ext.rec.models import rotate_half_rope
-
-        q = rotate_half_rope(q, attn.cos[-T:], attn.sin[-T:])
-        k = rotate_half_rope(k, attn.cos[-T:], attn.sin[-T:])
-    s = (q @ k.transpose(-1, -2)) * hd**-0.5
+    else:
+        q, k, _ = attn.project(query, key_value)
+    s = (q @ k.transpose(-1, -2)) * attn.head_dim**-0.5
     s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=s.device).tril(), float("-inf"))
     return s.softmax(-1).mean(dim=(0, 1)).cpu().numpy()
 

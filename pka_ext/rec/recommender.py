@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import numbers
 import os
 import warnings
 from collections.abc import Iterable
@@ -10,6 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
+from pka_ext.modules import check_sizes, int_at_least
 from pka_ext.rec.config import RunConfig
 from pka_ext.rec.data import ItemVocab
 from pka_ext.rec.evaluate import encode_contexts, score_contexts
@@ -64,12 +64,6 @@ def load_checkpoint(path: str, device="cpu") -> dict:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
     return ckpt
-
-
-def _check_batch_size(batch_size) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) \
-            or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
 
 
 class Recommender:
@@ -135,7 +129,7 @@ class Recommender:
         ``histories``: lists of original item ids, oldest first (unknown ids skipped with a
         warning). A history with no known item gives a zero vector, which scores every item 0.
         """
-        _check_batch_size(batch_size)
+        check_sizes(batch_size=batch_size)
         contexts = self._encode_histories(histories)
         out = np.zeros((len(contexts), self.model.cfg.hidden), dtype=np.float32)
         for rows, h in encode_contexts(self.model, contexts, self.device, batch_size):
@@ -173,10 +167,9 @@ class Recommender:
         TypeError
             If ``history`` is not a list (an iterator, a scalar) or a history is a string.
         """
-        if isinstance(k, bool) or not isinstance(k, numbers.Integral) \
-                or not 1 <= k <= len(self.vocab):
-            raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k}")
-        _check_batch_size(batch_size)
+        if not int_at_least(k) or k > len(self.vocab):
+            raise ValueError(f"k must be in [1, {len(self.vocab)}], got {k!r}")
+        check_sizes(batch_size=batch_size)
         if not hasattr(history, "__len__") or not hasattr(history, "__getitem__"):
             # One history and a batch are told apart by their first element, which an iterator
             # or a scalar does not have.

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from pka_ext.rec.config import DataConfig, RunConfig, TrainConfig
+from pka_ext.rec.config import (DataConfig, RunConfig, TrainConfig, cuda_device_count,
+                                device_problem)
 from pka_ext.rec.data import DataError, Interactions, load
 from pka_ext.rec.evaluate import evaluate
 from pka_ext.rec.models import SeqRecModel
@@ -67,18 +68,15 @@ def resume_changes(saved: dict, current: dict) -> list[str]:
 
 
 def check_device(device: str) -> None:
-    """Raises a ValueError naming TrainConfig's ``device`` unless this machine has it.
+    """Raises a ValueError naming TrainConfig's ``device`` unless this machine has it (by
+    :func:`~pka_ext.rec.config.device_problem`, as pka-rec's --device is checked).
 
     TrainConfig checks only the name; without this a missing GPU surfaced from torch once the data
-    had been read and split and the output folder made (pka-rec train checks its --device itself).
+    had been read and split and the output folder made.
     """
-    dev = torch.device(device)
-    if dev.type != "cuda":
-        return
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if (dev.index or 0) >= count:
-        raise ValueError(f"device {device!r} is not available here: this machine has {count} "
-                         f"CUDA device(s) (TrainConfig.device)")
+    if device_problem(device) is not None:
+        raise ValueError(f"device {device!r} is not available here: this machine has "
+                         f"{cuda_device_count()} CUDA device(s) (TrainConfig.device)")
 
 
 def train_run(cfg: RunConfig, out_dir: str, *, data: Interactions | None = None,

@@ -16,8 +16,12 @@ from pka_ext.modules import PKABlock, PKATransformer, padding_mask, project_head
 from pka_ext.rec.config import ModelConfig
 
 
-def rotate_half_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding of [B, H, T, d] (d even) by position-wise angles cos/sin [T, d/2]."""
+def rotate_pairs(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding of [B, H, T, d] (d even) by position-wise angles cos/sin [T, d/2].
+
+    Rotates interleaved pairs (x[2i], x[2i+1]) as RoFormer does, not the two halves of d (the
+    "rotate_half" layout); with learned projections the two differ only by a fixed permutation
+    of the head dim."""
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
 
@@ -50,7 +54,7 @@ class SDPAttention(nn.Module):
         if self.rope:
             T = query.shape[1]
             cos, sin = self.cos[-T:].to(q.dtype), self.sin[-T:].to(q.dtype)
-            q, k = rotate_half_rope(q, cos, sin), rotate_half_rope(k, cos, sin)
+            q, k = rotate_pairs(q, cos, sin), rotate_pairs(k, cos, sin)
         return q, k, v
 
     def forward(self, query, key_value=None, lengths=None, *, key_kernel=None, value_kernel=None):

@@ -129,8 +129,9 @@ def test_temporal_rejects_bad_input():
     for val_start, test_start in [(0, 0.5), (0.6, 0.5), (0.5, 1.0), (-0.1, 0.5)]:
         with pytest.raises(ValueError, match="val_start"):
             temporal(data, val_start, test_start)
-    for bad in (-1, 0):
-        with pytest.raises(ValueError, match=rf"max_eval_events must be >= 1 or None, got {bad}"):
+    for bad in (-1, 0, True, 2.5):
+        with pytest.raises(ValueError, match=rf"max_eval_events must be a positive integer or None, "
+                                             rf"got {bad}"):
             temporal(data, max_eval_events=bad)
     with pytest.raises(DataError, match=r"user 0 \('u0'\).*chronological"):
         temporal(make_data([[1, 2, 3]], [[0, 2, 1]]))

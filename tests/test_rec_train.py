@@ -884,10 +884,14 @@ def test_sizes_counts_and_cutoffs_take_the_same_integers(value, ok):
     (TypeError) and True for the cutoff 1 (keys 'ndcg@True'); recommend printed the string '3' as
     3, which reads as a valid k."""
     from pka_ext.modules import PositionalKernel
+    from pka_ext.rec.protocols import temporal
+    from pka_ext.rec.synthetic import ChainProcess, make_synthetic
 
     rec = _tiny_recommender()
     model = FixedScorer([9.0, 5.0, 4.0, 3.0, 2.0, 1.0])
     es = EvalSet(contexts=[np.array([1, 2])], targets=np.array([3]), users=np.arange(1))
+    timed = make_synthetic(num_users=5, num_items=6, seed=0)
+    process = ChainProcess.draw(6, seed=0)
     calls = [
         ("max_len", lambda: PositionalKernel(value)),
         ("num_blocks", lambda: ModelConfig(num_blocks=value)),
@@ -895,6 +899,9 @@ def test_sizes_counts_and_cutoffs_take_the_same_integers(value, ok):
         ("k", lambda: rec.recommend(["1", "2"], value)),
         ("batch_size", lambda: rec.user_vectors([["1", "2"]], batch_size=value)),
         ("k", lambda: evaluate(model, es, num_items=5, k=value)),
+        ("batch_size", lambda: evaluate(model, es, num_items=5, batch_size=value)),
+        ("max_eval_events", lambda: temporal(timed, max_eval_events=value)),
+        ("num_users", lambda: process.sample(value, 2, 4)),
     ]
     for name, call in calls:
         if ok:

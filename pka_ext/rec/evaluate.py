@@ -9,7 +9,7 @@ from collections.abc import Iterable
 import numpy as np
 import torch
 
-from pka_ext.modules import int_at_least
+from pka_ext.modules import check_sizes, int_at_least
 
 
 def pad_left(seqs, length: int) -> np.ndarray:
@@ -116,6 +116,7 @@ def evaluate(model, evalset, num_items: int, *, k: int | Iterable[int] = 10,
         cutoffs = [k]
     if not cutoffs or not all(int_at_least(c) for c in cutoffs):
         raise ValueError(f"k must be one or more positive cutoffs, got {k!r}")
+    check_sizes(batch_size=batch_size)
     ks = sorted({int(c) for c in cutoffs})
     was_training = model.training
     model.eval()

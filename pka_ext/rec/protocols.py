@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from pka_ext.modules import int_at_least
 from pka_ext.rec.data import DataError, Interactions
 
 __all__ = ["EvalSet", "Split", "leave_one_out", "temporal"]
@@ -191,9 +192,10 @@ def temporal(data: Interactions, val_start: float = 0.95, test_start: float = 0.
     if not 0 < val_start <= test_start < 1:
         raise ValueError(f"need 0 < val_start <= test_start < 1, got val_start={val_start}, "
                          f"test_start={test_start}")
-    if max_eval_events is not None and max_eval_events < 1:
+    if max_eval_events is not None and not int_at_least(max_eval_events):
         # 0 would leave nothing to evaluate: every metric 0 and early stopping blind.
-        raise ValueError(f"max_eval_events must be >= 1 or None, got {max_eval_events}")
+        raise ValueError(f"max_eval_events must be a positive integer or None, "
+                         f"got {max_eval_events!r}")
     for u, t in enumerate(data.timestamps):
         if np.any(np.diff(t) < 0):
             raise DataError(f"user {u} ({data.user_ids[u]!r}): timestamps are not in "

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from pka_ext.modules import check_sizes
 from pka_ext.rec.data import Interactions
 
 __all__ = ["ChainProcess", "make_synthetic"]
@@ -139,8 +140,7 @@ class ChainProcess:
         seed : int
             Seeds ``numpy.random.default_rng([seed, 1])``.
         """
-        if num_users < 1:
-            raise ValueError(f"num_users must be >= 1, got {num_users}")
+        check_sizes(num_users=num_users)
         if not 1 <= min_len <= max_len:
             raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, "
                              f"max_len={max_len}")

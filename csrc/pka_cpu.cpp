@@ -87,28 +87,45 @@ void softmax_rows(scalar_t* S, int64_t L, int64_t ld, int64_t s, int64_t b, int6
   }
 }
 
-// dS = P * (Z * dP - D) * scale, in place over dP, where P = exp(scale * S - lse) on j <= i,
-// Z is the dropout factor (mask / (1 - p)) and D_i = dO_i . O_i. Also writes P * Z into PZ, the
+// dS = P * (Z * dP - D) * scale, in place over dP, where P is the row's softmax on j <= i, Z is the
+// dropout factor (mask / (1 - p)) and D_i = sum_j P_ij Z_ij dP_ij. Also writes P * Z into PZ, the
 // matrix the forward multiplied V by, for dV = (P * Z)^T dO.
+// P is exp(scale * S - lse) divided by its row sum: lse is rounded to the precision of its
+// magnitude, which scales every exp() of the row by a common factor off 1 by up to |lse| * eps, and
+// the division removes it, so P sums to 1 as the forward's does. D_i equals dO_i . O_i, but it is
+// formed from the row's own P Z and dP rather than from the saved output: it then cancels against
+// Z dP as exactly as the rounding allows (a row with one dominant key, or a sequence's first row,
+// gets dS = 0, not the rounding error of O times |K|), and no rounded copy of O enters (for 16-bit
+// inputs out is stored in the 16-bit dtype, and in float16 it may have overflowed to Inf).
 template <typename scalar_t>
 void softmax_rows_backward(const scalar_t* S, scalar_t* dP, scalar_t* PZ, const scalar_t* lse,
-                           const scalar_t* O, const scalar_t* dO, int64_t L, int64_t ld, int64_t D,
-                           int64_t s, int64_t b, int64_t h, scalar_t scale, const Dropout& drop) {
+                           int64_t L, int64_t ld, int64_t s, int64_t b, int64_t h, scalar_t scale,
+                           const Dropout& drop) {
   const scalar_t keep_scale = static_cast<scalar_t>(drop.keep_scale);
   for (int64_t i = 0; i < L; ++i) {
     const scalar_t* srow = S + i * ld;
     scalar_t* dprow = dP + i * ld;
     scalar_t* pzrow = PZ + i * ld;
-    scalar_t Di = 0;
-    for (int64_t c = 0; c < D; ++c) Di += dO[i * D + c] * O[i * D + c];
     const uint32_t key = drop.on ? dropout_row_key(drop.seed, b, h, s + i) : 0;
+    auto z = [&](int64_t j) {
+      return drop.on ? (dropout_keep(key, s + j, drop.threshold) ? keep_scale : scalar_t(0))
+                     : scalar_t(1);
+    };
+    // First pass: the unnormalised exp() into PZ, their sum, and D_i times that sum. With the
+    // forward's lse (the scores recomputed here are the forward's), the max term is 1 / (the
+    // forward's row sum) >= 1 / L, so the sum is positive.
+    scalar_t sum = 0, Dsum = 0;
     for (int64_t j = 0; j <= i; ++j) {
-      const scalar_t p = std::exp(srow[j] * scale - lse[i]);
-      const scalar_t z =
-          drop.on ? (dropout_keep(key, s + j, drop.threshold) ? keep_scale : scalar_t(0))
-                  : scalar_t(1);
-      pzrow[j] = p * z;
-      dprow[j] = p * (z * dprow[j] - Di) * scale;
+      const scalar_t e = std::exp(srow[j] * scale - lse[i]);
+      pzrow[j] = e;
+      sum += e;
+      Dsum += e * z(j) * dprow[j];
+    }
+    const scalar_t inv = scalar_t(1) / sum, Di = Dsum * inv;
+    for (int64_t j = 0; j <= i; ++j) {
+      const scalar_t p = pzrow[j] * inv, zj = z(j);
+      pzrow[j] = p * zj;
+      dprow[j] = p * (zj * dprow[j] - Di) * scale;
     }
     for (int64_t j = i + 1; j < L; ++j) pzrow[j] = dprow[j] = 0;
   }
@@ -213,11 +230,11 @@ Tensor kernel_grad_dense(const Tensor& X, const Tensor& Y, const Dims& d, int64_
 // where dS and PZ come from the row function (both 0 outside each pair's valid block).
 template <typename scalar_t>
 void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                    const Tensor& ak, const Tensor& av, const Tensor& out, const Tensor& lse,
+                    const Tensor& ak, const Tensor& av, const Tensor& lse,
                     const std::vector<int64_t>& lens, const Dims& d, double scale,
                     const Dropout& drop, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& da_k,
                     Tensor& da_v) {
-  const int64_t T = d.T, D = d.D;
+  const int64_t T = d.T;
   const Tensor q0 = zero_padded_copy<scalar_t>(q, lens, d);
   const Tensor k0 = zero_padded_copy<scalar_t>(k, lens, d);
   const Tensor v0 = zero_padded_copy<scalar_t>(v, lens, d);
@@ -230,16 +247,13 @@ void backward_dense(const Tensor& dout, const Tensor& q, const Tensor& k, const 
   const scalar_t* Sp = S.data_ptr<scalar_t>();
   scalar_t *dPp = dP.data_ptr<scalar_t>(), *PZp = PZ.data_ptr<scalar_t>();
   const scalar_t* lp = lse.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
-  const scalar_t* dop = dout0.data_ptr<scalar_t>();
   at::parallel_for(0, d.B * d.H, 1, [&](int64_t begin, int64_t end) {
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / d.H, h = bh % d.H, L = lens[b], s = T - L;
       const int64_t off = bh * T * T + s * T + s;
       zero_outside_block(dPp + bh * T * T, T, s);
       zero_outside_block(PZp + bh * T * T, T, s);
-      softmax_rows_backward<scalar_t>(Sp + off, dPp + off, PZp + off, lp + bh * T + s,
-                                      op + (bh * T + s) * D, dop + (bh * T + s) * D, L, T, D, s,
+      softmax_rows_backward<scalar_t>(Sp + off, dPp + off, PZp + off, lp + bh * T + s, L, T, s,
                                       b, h, static_cast<scalar_t>(scale), drop);
     }
   });
@@ -427,7 +441,7 @@ void forward_grouped(const Tensor& q, const Tensor& k, const Tensor& v, const Te
 // where dS and PZ come from the row function (both 0 outside each pair's valid block).
 template <typename scalar_t>
 void backward_grouped(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-                      const Tensor& ak, const Tensor& av, const Tensor& out, const Tensor& lse,
+                      const Tensor& ak, const Tensor& av, const Tensor& lse,
                       const std::vector<int64_t>& lens, const Dims& d, double scale,
                       const Dropout& drop, Tensor& dq, Tensor& dk, Tensor& dv, Tensor& da_k,
                       Tensor& da_v) {
@@ -437,7 +451,6 @@ void backward_grouped(const Tensor& dout, const Tensor& q, const Tensor& k, cons
   da_k = at::zeros({d.Hk, T, T}, q.options());
   da_v = at::zeros({d.Hv, T, T}, q.options());
   const scalar_t* lp = lse.data_ptr<scalar_t>();
-  const scalar_t* op = out.data_ptr<scalar_t>();
   for (const Group& g : length_groups(lens, d.H)) {
     const int64_t G = static_cast<int64_t>(g.batch.size()), Lg = g.Lg, s0 = T - Lg;
     const Tensor qg = gather_group<scalar_t>(qc, g, lens, d, false).view({-1, Lg, D});
@@ -451,15 +464,13 @@ void backward_grouped(const Tensor& dout, const Tensor& q, const Tensor& k, cons
     Tensor PZ = at::empty_like(S);
     const scalar_t* Sp = S.data_ptr<scalar_t>();
     scalar_t *dPp = dP.data_ptr<scalar_t>(), *PZp = PZ.data_ptr<scalar_t>();
-    const scalar_t* dop = dog.data_ptr<scalar_t>();
     at::parallel_for(0, d.H * G, 1, [&](int64_t begin, int64_t end) {
       for (int64_t hg = begin; hg < end; ++hg) {
         const int64_t h = hg / G, b = g.batch[hg % G], L = lens[b], r = Lg - L, s = T - L;
         const int64_t bh = b * d.H + h, off = hg * Lg * Lg + r * Lg + r;
         zero_outside_block(dPp + hg * Lg * Lg, Lg, r);
         zero_outside_block(PZp + hg * Lg * Lg, Lg, r);
-        softmax_rows_backward<scalar_t>(Sp + off, dPp + off, PZp + off, lp + bh * T + s,
-                                        op + (bh * T + s) * D, dop + (hg * Lg + r) * D, L, Lg, D,
+        softmax_rows_backward<scalar_t>(Sp + off, dPp + off, PZp + off, lp + bh * T + s, L, Lg,
                                         s, b, h, static_cast<scalar_t>(scale), drop);
       }
     });
@@ -505,6 +516,30 @@ std::tuple<Tensor, Tensor> pka_fwd_cpu(const Tensor& q, const Tensor& k, const T
   return {out, lse};
 }
 
+// The backward on checked float32 / float64 inputs. It needs no forward output: the row function
+// forms D_i from P and dP.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> backward_cpu(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a_k,
+    const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& lse, const Dims& d,
+    double scale, double dropout_p, const std::optional<Tensor>& seed) {
+  const auto lens = host_lengths(lengths, d);
+  // The row loops read these two through raw pointers.
+  const Tensor dout_c = dout.contiguous(), lse_c = lse.contiguous();
+  Tensor dq = at::empty({d.B, d.H, d.T, d.D}, q.options());
+  Tensor dk = at::empty_like(dq), dv = at::empty_like(dq), da_k, da_v;
+  const Tensor ak = tril_heads(a_k), av = tril_heads(a_v);
+  const Dropout drop = make_dropout(dropout_p, seed);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pka_bwd_cpu", [&] {
+    if (use_dense(d))
+      backward_dense<scalar_t>(dout_c, q, k, v, ak, av, lse_c, lens, d, scale, drop, dq, dk, dv,
+                               da_k, da_v);
+    else
+      backward_grouped<scalar_t>(dout_c, q, k, v, ak, av, lse_c, lens, d, scale, drop, dq, dk,
+                                 dv, da_k, da_v);
+  });
+  return {dq, dk, dv, da_k.view(a_k.sizes()), da_v.view(a_v.sizes())};
+}
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& a_k,
     const Tensor& a_v, const std::optional<Tensor>& lengths, const Tensor& out, const Tensor& lse,
@@ -513,30 +548,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> pka_bwd_cpu(
   const Dims d = check_inputs(q, k, v, a_k, a_v, lengths, scale, dropout_p, seed);
   check_cpu_dtype(q, "pka_bwd");
   // CPU keeps lse in the input dtype (float32 or float64), and in float32 for 16-bit inputs.
+  // out is checked (the schema's contract) but not read.
   check_backward_inputs(dout, out, lse, q, d, is_16bit(q) ? at::kFloat : q.scalar_type());
   if (is_16bit(q)) {
     const auto dt = q.scalar_type();
     auto [dq, dk, dv, da_k, da_v] =
-        pka_bwd_cpu(to_float(dout), to_float(q), to_float(k), to_float(v), to_float(a_k),
-                    to_float(a_v), lengths, to_float(out), lse, scale, dropout_p, seed);
+        backward_cpu(to_float(dout), to_float(q), to_float(k), to_float(v), to_float(a_k),
+                     to_float(a_v), lengths, lse, d, scale, dropout_p, seed);
     return {dq.to(dt), dk.to(dt), dv.to(dt), da_k.to(dt), da_v.to(dt)};
   }
-  const auto lens = host_lengths(lengths, d);
-  // The row loops read these three through raw pointers.
-  const Tensor dout_c = dout.contiguous(), out_c = out.contiguous(), lse_c = lse.contiguous();
-  Tensor dq = at::empty({d.B, d.H, d.T, d.D}, q.options());
-  Tensor dk = at::empty_like(dq), dv = at::empty_like(dq), da_k, da_v;
-  const Tensor ak = tril_heads(a_k), av = tril_heads(a_v);
-  const Dropout drop = make_dropout(dropout_p, seed);
-  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "pka_bwd_cpu", [&] {
-    if (use_dense(d))
-      backward_dense<scalar_t>(dout_c, q, k, v, ak, av, out_c, lse_c, lens, d, scale, drop, dq, dk,
-                               dv, da_k, da_v);
-    else
-      backward_grouped<scalar_t>(dout_c, q, k, v, ak, av, out_c, lse_c, lens, d, scale, drop, dq,
-                                 dk, dv, da_k, da_v);
-  });
-  return {dq, dk, dv, da_k.view(a_k.sizes()), da_v.view(a_v.sizes())};
+  return backward_cpu(dout, q, k, v, a_k, a_v, lengths, lse, d, scale, dropout_p, seed);
 }
 
 }  // namespace

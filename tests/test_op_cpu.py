@@ -254,6 +254,125 @@ def test_no_nan_or_inf_with_extreme_scores():
         assert torch.isfinite(t).all()
 
 
+# Numerical robustness of the CPU backward. Its softmax-backward rows take D_i = sum_j P_ij Z_ij dP_ij
+# from the row's own P and dP (not dout_i . out_i from the saved, rounded out) and P normalised by
+# its row sum (not exp(S - lse) alone, which lse's rounding scales by up to |lse| * 2^-24).
+ALL_DTYPES = pytest.mark.parametrize(
+    "dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16],
+    ids=["float64", "float32", "bfloat16", "float16"])
+
+
+def _rel_l2(x, exact):
+    return ((x.double() - exact).norm() / exact.norm().clamp_min(1e-30)).item()
+
+
+@ALL_DTYPES
+@pytest.mark.parametrize("T,lengths", [(1, [1, 0, 1]), (6, [1, 0, 1]), (9, None), (40, [40, 0, 33])])
+def test_rows_with_one_effective_key_give_zero_score_gradients(dtype, T, lengths):
+    """With a single visible key (T = 1, sequences of length 1) out is that key's value whatever q,
+    k and a_k are; with saturated scores (T = 9, 40 here: key j scores 181 * j, so each row's weight
+    sits on its latest key) out does not move with them either. The gradients of q, k and a_k are
+    then 0 (the float64 reference's are, up to 1e-12). The backward once formed D_i from the saved
+    out, whose rounding error (one 16-bit rounding for bfloat16 / float16) times |K| left gradients
+    of up to 1e-3 (single key) and 0.3 (saturated) here."""
+    g = torch.Generator().manual_seed(T)
+    B, H, d = 3, 2, 8
+    q, k, v = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(3))
+    a_k, a_v = (torch.randn(T, T, generator=g, dtype=torch.float64) / T**0.5 for _ in range(2))
+    if T > 6:  # saturated: q . k_j = 512 j (+ 0.1 noise), scale 1/sqrt(8); K = k
+        q = q * 0.1 / 512
+        q[..., 0] = 512.0
+        k[..., 0] = torch.arange(T, dtype=torch.float64)
+        a_k = torch.eye(T, dtype=torch.float64)
+    lens = None if lengths is None else torch.tensor(lengths)
+    low = [t.to(dtype).requires_grad_() for t in (q, k, v, a_k, a_v)]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    dout = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    out = pka_ext.pka_attention(*low, lens)
+    ref = python_ref.pka_attention(*exact, lens)
+    grads = torch.autograd.grad(out, low, dout.to(dtype))
+    ref_grads = torch.autograd.grad(ref, exact, dout)
+    for name, gr, r in zip(GRAD_NAMES, grads, ref_grads):
+        assert torch.isfinite(gr).all(), name
+        if name in ("q", "k", "a_k"):
+            assert r.abs().max() < 1e-12, name  # the case is what it claims to be
+            err = gr.double().abs().max().item()
+            assert err < 1e-12, f"grad {name}: {err:.3g}, expected 0"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@BOTH_CPU_PATHS
+@pytest.mark.parametrize("scale", [None, -30.0], ids=["default_scale", "peaked"])
+def test_16bit_gradients_within_one_rounding_with_peaked_attention(dtype, T, scale):
+    """As test_16bit_inputs_computed_in_float32, with scale = -30 making most rows put nearly all
+    their weight on one key: each gradient stays about as close to the float64 reference as that
+    reference rounded to the dtype. With D_i formed from the 16-bit out, dq, dk and da_k were
+    15-2000x as far off as that rounding here."""
+    args = make_inputs(3, 2, T, 16, lengths=[T, 0, T // 2], seed=T)
+    low = [t.detach().to(dtype).requires_grad_() for t in args[:5]]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    out = pka_ext.pka_attention(*low, args[5], scale=scale)
+    ref = python_ref.pka_attention(*exact, args[5], scale=scale)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    assert _rel_l2(out, ref) <= 2.5 * _rel_l2(ref.to(dtype), ref) + 1e-7
+    for name, gr, r in zip(GRAD_NAMES, torch.autograd.grad(out, low, g),
+                           torch.autograd.grad(ref, exact, g.double())):
+        assert _rel_l2(gr, r) <= 2.5 * _rel_l2(r.to(dtype), r) + 1e-7, name
+
+
+@BOTH_CPU_PATHS
+def test_float16_output_overflow_leaves_gradients_finite(T):
+    """Outputs above float16's 65504 round to Inf, as any float16 result does (torch's float16
+    composition overflows already in V = A_v v); the gradients, all well inside float16's range,
+    stay finite and close to the float64 reference, since the backward does not read out."""
+    g = torch.Generator().manual_seed(T)
+    B, H, d = 2, 1, 8
+    q, k = (torch.randn(B, H, T, d, generator=g, dtype=torch.float64) for _ in range(2))
+    v = 4e4 * torch.randn(B, H, T, d, generator=g, dtype=torch.float64).sign()  # exact in float16
+    a_k = torch.randn(T, T, generator=g, dtype=torch.float64) / T**0.5
+    a_v = 2 * torch.eye(T, dtype=torch.float64)  # V = 2 v: |out| up to 8e4
+    lens = torch.tensor([T, 4])
+    dout = 1e-2 * torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    low = [t.to(torch.float16).requires_grad_() for t in (q, k, v, a_k, a_v)]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    out = pka_ext.pka_attention(*low, lens)
+    ref = python_ref.pka_attention(*exact, lens)
+    over = ref.abs() > 65520  # beyond the midpoint of 65504 and the next binade: rounds to Inf
+    assert over.any() and torch.equal(out.isinf(), over)
+    torch.testing.assert_close(out[~over].double(), ref[~over], rtol=1e-3, atol=0.1)
+    for name, gr, r in zip(GRAD_NAMES, torch.autograd.grad(out, low, dout.half()),
+                           torch.autograd.grad(ref, exact, dout)):
+        assert torch.isfinite(r).all() and torch.isfinite(gr).all(), name
+        assert _rel_l2(gr, r) <= 2.5 * _rel_l2(r.half(), r) + 1e-7, name
+
+
+@BOTH_CPU_PATHS
+def test_backward_probabilities_sum_to_one_at_large_score_magnitude(T):
+    """float32 rows whose scores are all equal to ~2.8e5 (exactly, so the forward's P is exact):
+    lse = m + log(L) is rounded to 2^-5 there, which scaled exp(S - lse), the backward's P, by up
+    to 1.5 %; normalised by its row sum, P again matches the forward's, and the gradients that
+    depend on it (dv, da_v, dk) are as accurate as the forward."""
+    B, H, d = 3, 2, 8
+    g = torch.Generator().manual_seed(T)
+    q = torch.full((B, H, T, d), 1e5, dtype=torch.float64)
+    k = torch.ones(B, H, T, d, dtype=torch.float64)
+    v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    a_k = torch.eye(T, dtype=torch.float64)
+    a_v = torch.randn(T, T, generator=g, dtype=torch.float64) / T**0.5
+    lens = torch.tensor([T, 0, T // 2])
+    low = [t.float().requires_grad_() for t in (q, k, v, a_k, a_v)]
+    exact = [t.detach().double().requires_grad_() for t in low]
+    dout = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    out = pka_ext.pka_attention(*low, lens)
+    ref = python_ref.pka_attention(*exact, lens)
+    assert max_rel_err(out, ref) < 1e-6
+    grads = torch.autograd.grad(out, low, dout.float())
+    ref_grads = torch.autograd.grad(ref, exact, dout)
+    for name, gr, r in zip(GRAD_NAMES, grads, ref_grads):
+        if name != "q":  # exactly 0: every key is the same, so dq sums dS = 0 over a row
+            assert max_rel_err(gr, r) < 1e-5, name
+
+
 @pytest.mark.parametrize("T", [14, 40])  # whole-batch path (T <= 24) and grouped path
 def test_strided_inputs_match_contiguous(T):
     """Non-contiguous q, k, v, kernels and dout give the contiguous results, gradients included."""

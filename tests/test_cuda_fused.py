@@ -308,7 +308,11 @@ def test_misaligned_views_give_the_same_results(dtype):
         assert torch.equal(g, gs), f"d{name}"
 
 
-def test_deterministic_mode_uses_the_deterministic_backward():
+def test_deterministic_mode_uses_the_deterministic_backward(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the backward is the unfused one: bitwise
+    reproducible, close to the fused one, and it never reads the fused backward's launch switch
+    (a bad PKA_BWD_WARPS, which the fused backward refuses, goes unnoticed). Two equal runs alone
+    would not show which backward ran: the fused one's atomics often add in the same order."""
     B, H, T, d = 4, 2, 64, 32
     x64, lengths, dout64 = inputs64(B, H, T, d, per_head=False, seed=1)
     x, dout = [t.float() for t in x64], dout64.float()
@@ -316,10 +320,16 @@ def test_deterministic_mode_uses_the_deterministic_backward():
     torch.use_deterministic_algorithms(True)
     try:
         runs = [fwd_bwd(pka_ext.pka_attention, x, lengths, dout)[1] for _ in range(2)]
+        monkeypatch.setenv("PKA_BWD_WARPS", "6")
+        runs.append(fwd_bwd(pka_ext.pka_attention, x, lengths, dout)[1])
     finally:
         torch.use_deterministic_algorithms(old)
-    for a, b in zip(*runs):
-        assert torch.equal(a, b)
+    for run in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], run):
+            assert torch.equal(a, b), f"d{name}"
+    with pytest.raises(RuntimeError, match="PKA_BWD_WARPS must be 0, 4 or 8, got '6'"):
+        fwd_bwd(pka_ext.pka_attention, x, lengths, dout)  # the fused backward reads it
+    monkeypatch.delenv("PKA_BWD_WARPS")
     fused = fwd_bwd(pka_ext.pka_attention, x, lengths, dout)[1]
     for name, a, f in zip(NAMES, runs[0], fused):
         assert rel(f, a) <= 1e-4, f"d{name}"

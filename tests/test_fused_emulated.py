@@ -151,6 +151,41 @@ def test_bfloat16_forward_paths(emu):
     assert (runs[0][1] - lse_s).abs().max().item() <= 1e-5 * lse_s.abs().max().item()
 
 
+@pytest.mark.parametrize("dtype,placement,warps,smem_scores", [
+    (torch.float32, "smem", 4, True),
+    (torch.float32, "workspace", 8, True),
+    (torch.bfloat16, "split", 4, False),
+    (torch.bfloat16, "smem", 8, True),
+    (torch.float16, "workspace", 4, False),
+])
+def test_poisoned_padding_changes_nothing(emu, dtype, placement, warps, smem_scores):
+    """README: whatever the padded rows of q, k, v and of the incoming gradient hold (NaN, Inf),
+    no output or gradient changes. The fused kernels against themselves on clean inputs: bitwise
+    the same out, lse, dq, dk, dv and (up to the order of the atomics) da_k, da_v."""
+    T, d = 37, 32
+    x64, lens, dout64 = make_case(4, 2, T, d, True, [T, 0, 20, 1], seed=8)
+    x = [t.to(dtype).contiguous() for t in x64]
+    dout = dout64.to(dtype).contiguous()
+    pad = torch.arange(T)[None, :] < (T - lens)[:, None]  # [B, T]
+    poisoned = []
+    for i, t in enumerate((*x[:3], dout)):
+        t = t.clone()
+        t.transpose(1, 2)[pad] = float("nan") if i % 2 else float("inf")
+        poisoned.append(t)
+    scale = d**-0.5
+    runs = []
+    for q, k, v, g in (x[:3] + [dout], poisoned):
+        out, lse, _ = emu.fwd(q, k, v, *x[3:], lens, scale, 0.2, 9, placement, warps, smem_scores)
+        grads = emu.bwd(g, q, k, v, *x[3:], lens, out, lse, scale, 0.2, 9, placement, warps,
+                        smem_scores)
+        runs.append((out, lse, *grads))
+    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), runs[0][:5], runs[1][:5]):
+        assert torch.equal(a, b), name
+    for name, a, b in zip(("da_k", "da_v"), runs[0][5:], runs[1][5:]):
+        assert torch.isfinite(b).all() and rel(b, a.double()) <= 1e-6, name
+    assert torch.all(runs[1][0].transpose(1, 2)[pad] == 0)
+
+
 @pytest.mark.parametrize("bad", [-1, 5])
 def test_out_of_range_device_lengths_assert_in_the_kernel(emu, bad):
     """The kernels check lengths as they read them (the host does not, to avoid a sync); the

@@ -6,7 +6,9 @@ import io
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+import python_ref
 from pka_ext import PKAttention, PKATransformer, PositionalKernel
 
 
@@ -57,18 +59,82 @@ def test_trailing_block_alignment(kind, heads):
         pk(13)
 
 
+def attention_by_hand(att, query, key_value, lengths, a_k, a_v):
+    """PKAttention written out from its weights, attention by python_ref: queries projected from
+    ``query``, keys and values (the first and second half of kv_proj) from ``key_value``, mixed by
+    A_k and A_v, heads merged, out_proj."""
+    B, T, D = query.shape
+    H = att.num_heads
+
+    def heads(t):
+        return t.view(B, T, H, D // H).transpose(1, 2)
+
+    w_k, w_v = att.kv_proj.weight.split(D)
+    b_k, b_v = att.kv_proj.bias.split(D)
+    q = heads(F.linear(query, att.q_proj.weight, att.q_proj.bias))
+    k, v = heads(F.linear(key_value, w_k, b_k)), heads(F.linear(key_value, w_v, b_v))
+    o = python_ref.pka_attention(q, k, v, a_k, a_v, lengths)
+    return F.linear(o.transpose(1, 2).reshape(B, T, D), att.out_proj.weight, att.out_proj.bias)
+
+
 def test_attention_module_shapes_and_backends_agree():
+    """Both backends compute queries from ``query``, keys and values from ``key_value``, each
+    mixed by its own kernel: against the module written out by hand with python_ref."""
     torch.manual_seed(0)
     m = PKAttention(16, 4, max_len=10).double()
     ref = PKAttention(16, 4, max_len=10, backend="reference").double()
     ref.load_state_dict(m.state_dict())
     x, y = torch.randn(3, 10, 16, dtype=torch.float64), torch.randn(3, 10, 16, dtype=torch.float64)
     lens = torch.tensor([10, 4, 0])
-    A = PositionalKernel(10, "toeplitz").double()(10)
-    out = m(x, y, lens, key_kernel=A, value_kernel=A.t().tril())
-    out_ref = ref(x, y, lens, key_kernel=A, value_kernel=A.t().tril())
+    # Two unrelated lower-triangular kernels far from the identity (random upper triangles, which
+    # must be ignored), so that swapping or dropping one shows.
+    A_k, A_v = (torch.randn(10, 10, dtype=torch.float64) / 10**0.5 for _ in range(2))
+    out = m(x, y, lens, key_kernel=A_k, value_kernel=A_v)
+    out_ref = ref(x, y, lens, key_kernel=A_k, value_kernel=A_v)
+    expected = attention_by_hand(m, x, y, lens, A_k, A_v)
     assert out.shape == (3, 10, 16)
-    torch.testing.assert_close(out, out_ref, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out, expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(out_ref, expected, atol=1e-12, rtol=0)
+    assert torch.all(out[2] == m.out_proj.bias)  # an empty sequence attends to nothing: o = 0
+
+
+def transformer_by_hand(m, x, lengths):
+    """PKATransformer's forward written out from its parts (README: pre_ln
+    ``h = X + Attn(LN1(X), X)``, ``out = h + FFN(LN2(h))``; authors
+    ``h = LN2(LN1(X) + Attn(LN1(X), X))``, ``out = h + FFN(h)``), attention by python_ref with each
+    layer's own key kernel and the shared value kernel, padded rows 0 after every block and the
+    final LayerNorm."""
+    T = x.shape[1]
+    keep = (torch.arange(T)[None, :] >= T - lengths[:, None])[..., None]
+    x = torch.where(keep, x, 0.0)
+    for i, blk in enumerate(m.blocks):
+        a_k = m.key_kernels[i if len(m.key_kernels) > 1 else 0](T)
+        a_v = m.value_kernels[i if len(m.value_kernels) > 1 else 0](T)
+        xn = blk.ln1(x)
+        a = attention_by_hand(blk.attn, xn, x, lengths, a_k, a_v)
+        if blk.block == "pre_ln":
+            h = x + a
+            y = h + blk.ffn(blk.ln2(h))
+        else:
+            h = blk.ln2(xn + a)
+            y = h + blk.ffn(h)
+        x = torch.where(keep, y, 0.0)
+    return torch.where(keep, m.final_ln(x), 0.0)
+
+
+@pytest.mark.parametrize("block", ["pre_ln", "authors"])
+@pytest.mark.parametrize("per_head", [False, True])
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_transformer_matches_its_blocks_written_out(block, per_head, backend):
+    torch.manual_seed(0)
+    m = PKATransformer(2, 16, 2, max_len=12, block=block, per_head_kernels=per_head,
+                       backend=backend).double()
+    with torch.no_grad():  # kernels well away from their near-identity start
+        for kernel in (*m.key_kernels, *m.value_kernels):
+            kernel.weight.add_(torch.rand_like(kernel.weight))
+    x = torch.randn(4, 9, 16, dtype=torch.float64)
+    lens = torch.tensor([9, 1, 0, 5])
+    torch.testing.assert_close(m(x, lens), transformer_by_hand(m, x, lens), atol=1e-10, rtol=0)
 
 
 def _transformer_pair(**kw):
@@ -235,11 +301,17 @@ def test_transformer_padded_input_rows_reach_neither_outputs_nor_gradients(backe
 
 
 def test_reference_backend_runs_under_autocast():
+    """Under CPU bfloat16 autocast the reference backend runs and stays close to float32."""
+    torch.manual_seed(0)
     m = PKATransformer(1, 8, 2, max_len=4, backend="reference")
     x = torch.randn(2, 4, 8)
+    lens = torch.tensor([4, 2])
+    out32 = m(x, lens)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = m(x, torch.tensor([4, 2]))
-    assert torch.isfinite(out).all()
+        out = m(x, lens)
+    assert torch.isfinite(out).all() and torch.all(out[1, :2] == 0)
+    err = ((out.float() - out32).abs().max() / out32.abs().max()).item()
+    assert err < 5e-2, err
 
 
 @pytest.mark.parametrize("heads", [None, 2])

@@ -150,10 +150,10 @@ def timed_data(draw):
     return make_data(sequences, times, num_items=6)
 
 
-@settings(max_examples=200, deadline=None)
-@given(timed_data(), st.floats(0.05, 0.9), st.floats(0, 0.09))
-def test_temporal_properties(data, val_start, gap):
-    split = temporal(data, val_start, val_start + gap)
+def check_temporal_split(data, val_start, test_start):
+    """The temporal split's properties, each rebuilt independently of the implementation;
+    returns the split."""
+    split = temporal(data, val_start, test_start)
     t_val, t_test = split.info["t_val"], split.info["t_test"]
     times = np.concatenate(data.timestamps)
     assert t_val in times and t_test in times
@@ -181,6 +181,34 @@ def test_temporal_properties(data, val_start, gap):
                                                 + split.info[f"{name}_scored"])
     assert (split.info["train_events"] + split.info["val_events"] + split.info["test_events"]
             == data.num_events)
+    return split
+
+
+@settings(max_examples=200, deadline=None)
+@given(timed_data(), st.floats(0.05, 0.9), st.floats(0, 0.09))
+def test_temporal_properties(data, val_start, gap):
+    check_temporal_split(data, val_start, val_start + gap)
+
+
+def test_temporal_properties_on_random_logs():
+    """The properties on logs of a realistic mix, where validation is rarely empty: hypothesis'
+    small examples above leave the validation period empty in most draws (no event between the
+    cuts, or none of a training item), so its order and contexts were seldom checked."""
+    rng = np.random.default_rng(0)
+    val_users = test_users = 0
+    for _ in range(150):
+        num_users = int(rng.integers(2, 9))
+        lengths = rng.integers(0, 13, num_users)
+        lengths[0] = max(lengths[0], 1)
+        sequences = [rng.integers(1, 6, n).tolist() for n in lengths]
+        times = [np.sort(rng.integers(0, 30, n)).tolist() for n in lengths]
+        val_start = float(rng.uniform(0.2, 0.7))
+        split = check_temporal_split(make_data(sequences, times, num_items=5), val_start,
+                                     val_start + float(rng.uniform(0, 0.29)))
+        val_users += len(set(split.val.users.tolist())) >= 2
+        test_users += len(set(split.test.users.tolist())) >= 2
+    # Most draws score events of several users in both periods: their time order is exercised.
+    assert val_users >= 75 and test_users >= 75, (val_users, test_users)
 
 
 def test_temporal_on_synthetic_data():

@@ -200,12 +200,21 @@ def test_sampled_negatives_are_fresh_each_epoch_and_reproducible():
 
 @pytest.mark.parametrize("model", ["psa", "sasrec", "nope", "rope"])
 def test_padding_does_not_change_scores(model):
+    """A history's states are the same whatever padding precedes it (none, one, three ids, in a
+    batch of other lengths), padded positions are 0, and another history gives other states."""
     m = _tiny_model(model).eval()
-    a = m.encode(torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9]]))[:, -1]
-    b = m.encode(torch.tensor([[0, 0, 0, 0, 0, 0, 0, 9]]))[:, -1]
-    c = m.encode(torch.tensor([[0, 0, 0, 0, 5, 6, 7, 8, 9]][0][1:]).view(1, -1))[:, -1]
-    torch.testing.assert_close(a, c)
-    assert not torch.allclose(a, b)
+    seq = [5, 6, 7, 8, 9]
+    with torch.no_grad():
+        alone = m.encode(torch.tensor([seq]))  # T = 5: no padding at all
+        for pad in (1, 3):
+            padded = m.encode(torch.tensor([[0] * pad + seq]))
+            torch.testing.assert_close(padded[:, pad:], alone, msg=lambda s: f"{pad} pads: {s}")
+            assert torch.all(padded[:, :pad] == 0)
+        batch = m.encode(torch.tensor([[0, 0, 0] + seq, [0] * 7 + [9], [1, 2, 3, 4, 5, 6, 7, 8]]))
+        torch.testing.assert_close(batch[0, 3:], alone[0])
+        torch.testing.assert_close(batch[1:2, 7:], m.encode(torch.tensor([[9]])))
+        torch.testing.assert_close(batch[2:3], m.encode(torch.tensor([[1, 2, 3, 4, 5, 6, 7, 8]])))
+    assert not torch.allclose(alone[:, -1], batch[1, -1:])
 
 
 def _train_cli(tmp_path, model="psa", extra=()):

@@ -1096,11 +1096,33 @@ def test_cli_config_and_train_run_agree_on_devices(name, tmp_path, capsys):
     if not named:
         with pytest.raises(ValueError, match=r"device must be 'cpu', 'cuda' or 'cuda:N'"):
             TrainConfig(device=name)
+        # A config whose device was set after it was checked: named as no device, not as a
+        # missing GPU.
+        with pytest.raises(ValueError, match=r"TrainConfig.device: expected cpu, cuda or cuda:N"):
+            check_device(name)
     elif problem:
         with pytest.raises(ValueError, match=rf"device {name!r} is not available here"):
             check_device(TrainConfig(device=name).device)
     else:
         check_device(TrainConfig(device=name).device)
+
+
+def test_synthetic_sizes_follow_the_integer_rule():
+    """The synthetic process's sizes are integers (a float min_len had been drawn from, a float
+    max_len failed inside numpy, a float num_items inside range)."""
+    from pka_ext.rec.synthetic import ChainProcess
+
+    process = ChainProcess.draw(6, seed=0)
+    for args, name in [((5, True, 4), "min_len"), ((5, 2.5, 4), "min_len"), ((5, 2, 4.5), "max_len")]:
+        with pytest.raises(ValueError, match=rf"{name} must be a positive integer"):
+            process.sample(*args)
+    with pytest.raises(ValueError, match=r"need min_len <= max_len"):
+        process.sample(5, 4, 2)
+    with pytest.raises(ValueError, match=r"num_items must be an integer >= 2, got 6.0"):
+        ChainProcess.draw(6.0)
+    with pytest.raises(ValueError, match=r"num_chains must lie in 1..num_items // 2 = 3, got 1.5"):
+        ChainProcess.draw(6, num_chains=1.5)
+    assert len(process.sample(np.int64(5), np.int64(2), np.int64(4)).sequences) == 5
 
 
 def test_plot_kernels_without_a_history_as_long_as_max_len_draws_the_kernels(tmp_path, capsys):

@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pka_ext.modules import check_sizes
+from pka_ext.modules import check_sizes, int_at_least
 from pka_ext.rec.data import Interactions
 
 __all__ = ["ChainProcess", "make_synthetic"]
@@ -97,13 +97,13 @@ class ChainProcess:
         zipf_a : float
             Zipf exponent of the jump distribution, >= 0 (0 is uniform).
         """
-        if num_items < 2:
-            raise ValueError(f"num_items must be >= 2, got {num_items}")
+        if not int_at_least(num_items, 2):
+            raise ValueError(f"num_items must be an integer >= 2, got {num_items!r}")
         if num_chains is None:
             num_chains = min(20, num_items // 2)
-        if not 1 <= num_chains <= num_items // 2:
+        if not int_at_least(num_chains) or num_chains > num_items // 2:
             raise ValueError(f"num_chains must lie in 1..num_items // 2 = {num_items // 2}, "
-                             f"got {num_chains}")
+                             f"got {num_chains!r}")
         # Written so that NaN, which fails every comparison, is refused too.
         if not (p_next >= 0 and p_lag2 >= 0 and p_next + p_lag2 <= 1):
             raise ValueError(f"need p_next >= 0, p_lag2 >= 0 and p_next + p_lag2 <= 1, got "
@@ -141,8 +141,9 @@ class ChainProcess:
             Seeds ``numpy.random.default_rng([seed, 1])``.
         """
         check_sizes(num_users=num_users)
-        if not 1 <= min_len <= max_len:
-            raise ValueError(f"need 1 <= min_len <= max_len, got min_len={min_len}, "
+        check_sizes(min_len=min_len, max_len=max_len)
+        if not min_len <= max_len:
+            raise ValueError(f"need min_len <= max_len, got min_len={min_len}, "
                              f"max_len={max_len}")
         rng = np.random.default_rng([seed, 1])
         n = self.num_items

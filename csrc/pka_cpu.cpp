@@ -102,15 +102,17 @@ void softmax_rows_backward(const scalar_t* S, scalar_t* dP, scalar_t* PZ, const 
                            int64_t L, int64_t ld, int64_t s, int64_t b, int64_t h, scalar_t scale,
                            const Dropout& drop) {
   const scalar_t keep_scale = static_cast<scalar_t>(drop.keep_scale);
+  // The row's dropout factors, hashed once for both passes (empty without dropout).
+  std::vector<scalar_t> z(drop.on ? L : 0);
   for (int64_t i = 0; i < L; ++i) {
     const scalar_t* srow = S + i * ld;
     scalar_t* dprow = dP + i * ld;
     scalar_t* pzrow = PZ + i * ld;
-    const uint32_t key = drop.on ? dropout_row_key(drop.seed, b, h, s + i) : 0;
-    auto z = [&](int64_t j) {
-      return drop.on ? (dropout_keep(key, s + j, drop.threshold) ? keep_scale : scalar_t(0))
-                     : scalar_t(1);
-    };
+    if (drop.on) {
+      const uint32_t key = dropout_row_key(drop.seed, b, h, s + i);
+      for (int64_t j = 0; j <= i; ++j)
+        z[j] = dropout_keep(key, s + j, drop.threshold) ? keep_scale : scalar_t(0);
+    }
     // First pass: the unnormalised exp() into PZ, their sum, and D_i times that sum. With the
     // forward's lse (the scores recomputed here are the forward's), the max term is 1 / (the
     // forward's row sum) >= 1 / L, so the sum is positive.
@@ -119,11 +121,11 @@ void softmax_rows_backward(const scalar_t* S, scalar_t* dP, scalar_t* PZ, const 
       const scalar_t e = std::exp(srow[j] * scale - lse[i]);
       pzrow[j] = e;
       sum += e;
-      Dsum += e * z(j) * dprow[j];
+      Dsum += e * (drop.on ? z[j] : scalar_t(1)) * dprow[j];
     }
     const scalar_t inv = scalar_t(1) / sum, Di = Dsum * inv;
     for (int64_t j = 0; j <= i; ++j) {
-      const scalar_t p = pzrow[j] * inv, zj = z(j);
+      const scalar_t p = pzrow[j] * inv, zj = drop.on ? z[j] : scalar_t(1);
       pzrow[j] = p * zj;
       dprow[j] = p * (zj * dprow[j] - Di) * scale;
     }

@@ -70,8 +70,8 @@ def project_heads(attn: nn.Module, query: torch.Tensor, key_value: torch.Tensor)
     drawn from these, so they are the heads the forward computes."""
     B, T, _ = query.shape
     H, hd = attn.num_heads, attn.head_dim
-    q = attn.q_proj(query).view(B, T, H, hd).transpose(1, 2)
-    k, v = attn.kv_proj(key_value).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)
+    q = attn.q_proj(query).view(B, T, H, hd).transpose(1, 2)  # [B, H, T, hd]
+    k, v = attn.kv_proj(key_value).view(B, T, 2, H, hd).permute(2, 0, 3, 1, 4)  # [B, H, T, hd]
     return q, k, v
 
 
@@ -290,7 +290,7 @@ class PKATransformer(nn.Module):
                  per_head_kernels: bool = False, block: str = "pre_ln", backend: str = "auto"):
         super().__init__()
         check_sizes(num_layers=num_layers, embed_dim=embed_dim, num_heads=num_heads,
-                     max_len=max_len, ffn_dim=embed_dim if ffn_dim is None else ffn_dim)
+                    max_len=max_len, ffn_dim=embed_dim if ffn_dim is None else ffn_dim)
         for name, kind in (("key_kernel", key_kernel), ("value_kernel", value_kernel)):
             if kind not in ("toeplitz", "full"):
                 raise ValueError(f"{name} must be 'toeplitz' or 'full', got {kind!r}")

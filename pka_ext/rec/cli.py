@@ -18,8 +18,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from pka_ext.rec.config import (BLOCKS, KERNELS, MODELS, DataConfig, ModelConfig, RunConfig,
-                                TrainConfig, device_problem)
+from pka_ext.rec.config import (BLOCKS, KERNELS, LOSSES, MODELS, PROTOCOLS, DataConfig,
+                                ModelConfig, RunConfig, TrainConfig, device_problem)
 from pka_ext.rec.data import FORMATS, DataError
 from pka_ext.rec.recommender import CheckpointError, Recommender, load_checkpoint
 from pka_ext.rec.runner import evaluate_split, load_interactions, make_split, train_run
@@ -41,30 +41,31 @@ def _init_distributed(device: str) -> None:
         dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
 
 
-# Flags that apply to one loss, protocol or kind of data only: given for another, they would
-# change nothing while the run's recorded config said otherwise. Their defaults are None, so that
-# given can be told from not given; the config's defaults stand in for them.
-_ONLY_FOR = (
-    ("negatives", "--negatives", lambda a: a.loss == "sampled", "--loss sampled"),
-    ("val_start", "--val-start", lambda a: a.protocol == "temporal", "--protocol temporal"),
-    ("test_start", "--test-start", lambda a: a.protocol == "temporal", "--protocol temporal"),
-    ("skip_bad", "--skip-bad", lambda a: a.data is not None, "a data file (--data)"),
-)
 # train's defaults are the configs': repeated as literals here, they had only to drift apart for
 # `pka-rec train` and train_run to train different models from the same "defaults".
 _MODEL_DEFAULTS, _TRAIN_DEFAULTS, _DATA_DEFAULTS = ModelConfig(), TrainConfig(), DataConfig()
+# Flags that apply to one loss, protocol or kind of data only: given for another, they would
+# change nothing while the run's recorded config said otherwise. Their parser defaults are None
+# (or False), so that given can be told from not given; the config's defaults, last here, stand
+# in for them.
+_ONLY_FOR = (
+    ("negatives", "--negatives", lambda a: a.loss == "sampled", "--loss sampled",
+     _TRAIN_DEFAULTS.num_negatives),
+    ("val_start", "--val-start", lambda a: a.protocol == "temporal", "--protocol temporal",
+     _DATA_DEFAULTS.val_start),
+    ("test_start", "--test-start", lambda a: a.protocol == "temporal", "--protocol temporal",
+     _DATA_DEFAULTS.test_start),
+    ("skip_bad", "--skip-bad", lambda a: a.data is not None, "a data file (--data)",
+     _DATA_DEFAULTS.skip_bad),
+)
 
 
 def _run_config(args) -> RunConfig:
-    for name, flag, applies, needs in _ONLY_FOR:
+    for name, flag, applies, needs, default in _ONLY_FOR:
         if getattr(args, name) not in (None, False) and not applies(args):
             raise ValueError(f"{flag} applies to {needs} only")
-    if args.negatives is None:
-        args.negatives = _TRAIN_DEFAULTS.num_negatives
-    if args.val_start is None:
-        args.val_start = _DATA_DEFAULTS.val_start
-    if args.test_start is None:
-        args.test_start = _DATA_DEFAULTS.test_start
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return RunConfig(
         ModelConfig(model=args.model, hidden=args.hidden, num_blocks=args.blocks,
                     num_heads=args.heads, max_len=args.max_len, dropout=args.dropout,
@@ -351,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--skip-bad", action="store_true",
             help="skip malformed data lines with one warning that counts them and shows the first "
             "(default: stop at the first, naming file:line)")
-    _option(t, "--protocol", default=_DATA_DEFAULTS.protocol, choices=["loo", "temporal"],
+    _option(t, "--protocol", default=_DATA_DEFAULTS.protocol, choices=PROTOCOLS,
             help="leave-one-out, or the global temporal split (needs timestamps)")
     _option(t, "--model", default=_MODEL_DEFAULTS.model, choices=MODELS,
             help="PSA, or a baseline: learned absolute positions, none, rotary")
@@ -389,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     _option(t, "--patience", type=_positive_int, default=_TRAIN_DEFAULTS.patience,
             help=f"epochs without a better validation NDCG@{_TRAIN_DEFAULTS.eval_k} before "
             "stopping")
-    _option(t, "--loss", default=_TRAIN_DEFAULTS.loss, choices=["ce", "sampled"],
+    _option(t, "--loss", default=_TRAIN_DEFAULTS.loss, choices=LOSSES,
             help="full-catalogue cross-entropy, or sampled softmax with uniform negatives")
     _option(t, "--negatives", type=_positive_int, default=None,
             help=f"negatives for --loss sampled (default: {_TRAIN_DEFAULTS.num_negatives})")

@@ -18,6 +18,8 @@ from pka_ext.rec.data import FORMATS
 MODELS = ("psa", "sasrec", "nope", "rope")
 BLOCKS = ("pre_ln", "authors")
 KERNELS = ("toeplitz", "full")
+LOSSES = ("ce", "sampled")
+PROTOCOLS = ("loo", "temporal")
 
 
 def _require(cfg, name: str, ok, expected: str) -> None:
@@ -171,7 +173,7 @@ class TrainConfig:
             _require(self, name, int_at_least, "a positive integer")
         _require(self, "lr", _number(lambda v: v > 0), "a positive number")
         _require(self, "weight_decay", _number(lambda v: v >= 0), "a non-negative number")
-        _require(self, "loss", ("ce", "sampled").__contains__, "'ce' or 'sampled'")
+        _require(self, "loss", LOSSES.__contains__, "'ce' or 'sampled'")
         # numpy's seed sequences, which order the batches, take non-negative integers only.
         _require(self, "seed", lambda v: int_at_least(v, 0), "a non-negative integer")
         _require(self, "device", lambda v: device_problem(v, here=False) is None,
@@ -223,7 +225,7 @@ class DataConfig:
         _require(self, "skip_bad", _flag, "True or False")
         _require(self, "format", (*FORMATS, "synthetic", "events").__contains__,
                  f"one of {(*FORMATS, 'synthetic', 'events')}")
-        _require(self, "protocol", ("loo", "temporal").__contains__, "'loo' or 'temporal'")
+        _require(self, "protocol", PROTOCOLS.__contains__, "'loo' or 'temporal'")
         for name in ("val_start", "test_start"):
             _require(self, name, _number(lambda v: 0 < v < 1), "a number in (0, 1)")
         if self.val_start > self.test_start:

@@ -74,9 +74,9 @@ def check_device(device: str) -> None:
     TrainConfig checks only the name; without this a missing GPU surfaced from torch once the data
     had been read and split and the output folder made.
     """
-    if device_problem(device, here=False) is not None:
-        # Not a device name at all (a config whose device was set after it was checked).
-        raise ValueError(f"TrainConfig.device: {device_problem(device, here=False)}")
+    not_a_device = device_problem(device, here=False)
+    if not_a_device is not None:  # a config whose device was set after it was checked
+        raise ValueError(f"TrainConfig.device: {not_a_device}")
     if device_problem(device) is not None:
         raise ValueError(f"device {device!r} is not available here: this machine has "
                          f"{cuda_device_count()} CUDA device(s) (TrainConfig.device)")
